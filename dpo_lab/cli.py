@@ -40,25 +40,51 @@ def run_profiles(argv: list[str]) -> None:
     print(profile_table())
 
 
+# method -> (one-line help, "module:function" taking argv), for ``dpo-lab train <method>``.
+TRAIN_METHODS: dict[str, tuple[str, str]] = {
+    "dpo": ("Direct Preference Optimization (Eq. 7) and its variants (--loss-type)", "dpo_lab.train.dpo:run_dpo"),
+    "unlikelihood": ("the Unlikelihood baseline (--alpha)", "dpo_lab.train.dpo:run_unlikelihood"),
+    "preferred-ft": ("supervised fine-tuning on the chosen completions", "dpo_lab.train.dpo:run_preferred_ft"),
+    "ppo": ("PPO against the learned reward model (--target-kl)", "dpo_lab.train.ppo:run_ppo"),
+    "ppo-gt": ("PPO against the ground-truth classifier (--target-kl)", "dpo_lab.train.ppo:run_ppo_gt"),
+}
+
+
+def run_train(argv: list[str]) -> None:
+    """Dispatch ``dpo-lab train <method> ...`` to the method's trainer."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(listing("usage: dpo-lab train <method> [--profile NAME] [options]", "methods", TRAIN_METHODS))
+        return
+    if argv[0] not in TRAIN_METHODS:
+        raise ValueError(f"unknown training method {argv[0]!r}; known: {', '.join(TRAIN_METHODS)}")
+    call(TRAIN_METHODS[argv[0]][1], argv[1:])
+
+
 # name -> (one-line help, "module:function" taking argv). Later stages register themselves here.
 COMMANDS: dict[str, tuple[str, str]] = {
     "profiles": ("print the scale profiles (ci, tiny, gpt2, paper) as a table", "dpo_lab.cli:run_profiles"),
+    "train": ("train a policy: dpo, unlikelihood, preferred-ft, ppo, ppo-gt", "dpo_lab.cli:run_train"),
 }
+
+
+def listing(title: str, heading: str, entries: dict[str, tuple[str, str]]) -> str:
+    """A help block: a title line, then one line per entry with its help text."""
+    width = max(len(name) for name in entries)
+    return "\n".join([title, "", f"{heading}:"] + [f"  {n.ljust(width)}  {h}" for n, (h, _) in entries.items()])
+
+
+def call(target: str, argv: list[str]) -> None:
+    """Import ``module:function`` lazily and call it with ``argv``."""
+    module_name, func_name = target.split(":")
+    getattr(importlib.import_module(module_name), func_name)(argv)
 
 
 def usage() -> str:
     """Top-level help text listing the subcommands."""
-    width = max(len(name) for name in COMMANDS)
-    lines = [
-        "usage: dpo-lab <command> [--profile NAME] [options]",
-        "",
-        "From Bradley-Terry to DPO on the IMDb controlled-sentiment task (Rafailov et al. 2023).",
-        "Run `dpo-lab <command> --help` for a command's options.",
-        "",
-        "commands:",
-    ]
-    lines += [f"  {name.ljust(width)}  {text}" for name, (text, _) in COMMANDS.items()]
-    return "\n".join(lines)
+    title = ("usage: dpo-lab <command> [--profile NAME] [options]\n\n"
+             "From Bradley-Terry to DPO on the IMDb controlled-sentiment task (Rafailov et al. 2023).\n"
+             "Run `dpo-lab <command> --help` for a command's options.")
+    return listing(title, "commands", COMMANDS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,10 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"dpo-lab: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module_name, func_name = COMMANDS[name][1].split(":")
-    handler = getattr(importlib.import_module(module_name), func_name)
     try:
-        handler(rest)
+        call(COMMANDS[name][1], rest)
     except ValueError as err:
         print(f"dpo-lab {name}: error: {err}", file=sys.stderr)
         return 2
