@@ -1,0 +1,71 @@
+"""Reading a results table the way a reader of the paper would: frontiers, budgets, domination.
+
+The results table has one row per evaluated checkpoint, with at least the columns ``method``,
+``run_id``, ``step``, ``reward``, ``reward_se``, ``kl``, ``kl_se`` (DESIGN.md section 4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+REQUIRED_COLUMNS = ("method", "run_id", "step", "reward", "reward_se", "kl", "kl_se")
+
+
+def check_results(table: pd.DataFrame, source: str = "results table") -> pd.DataFrame:
+    """Raise a clear error if ``table`` lacks a required column or has non-finite reward/KL."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+    if missing:
+        raise ValueError(f"{source}: missing column(s) {missing}; has {list(table.columns)}")
+    bad = ~np.isfinite(table[["reward", "kl"]].to_numpy(dtype=float)).all(axis=1)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{source}: non-finite reward or kl in row {row}: {table.iloc[row].to_dict()}")
+    return table
+
+
+def pareto_frontier(points: pd.DataFrame) -> pd.DataFrame:
+    """The upper-left envelope of (kl, reward) points: each kept point beats every point of lower KL.
+
+    Returns the frontier rows sorted by KL (ascending); reward is strictly increasing along it.
+    """
+    ordered = points.sort_values(["kl", "reward"], ascending=[True, False])
+    keep, best = [], -np.inf
+    for index, reward in zip(ordered.index, ordered["reward"]):
+        if reward > best:
+            keep.append(index)
+            best = reward
+    return ordered.loc[keep]
+
+
+def best_reward_at_budgets(table: pd.DataFrame, budgets: Sequence[float]) -> pd.DataFrame:
+    """For each method, the highest reward among checkpoints with KL at most each budget.
+
+    Returns a frame indexed by method with one column per budget (NaN where no point fits).
+    """
+    out = {}
+    for method, group in table.groupby("method", sort=False):
+        out[method] = {f"kl<={b:g}": group.loc[group["kl"] <= b, "reward"].max() for b in budgets}
+    return pd.DataFrame.from_dict(out, orient="index")
+
+
+def dominated_share(table: pd.DataFrame, by: str = "dpo", of: Iterable[str] = ("ppo", "ppo-gt")) -> pd.Series:
+    """Share of each ``of`` method's points dominated by some point of method ``by``.
+
+    A point (kl, reward) is dominated when a ``by`` point has KL no larger and reward no smaller,
+    one of the two strictly. The paper's claim (Figure 2, left) is that DPO dominates all PPO points.
+    """
+    reference = table.loc[table["method"] == by, ["kl", "reward"]].to_numpy(dtype=float)
+    shares = {}
+    for method in of:
+        points = table.loc[table["method"] == method, ["kl", "reward"]].to_numpy(dtype=float)
+        if len(points) == 0 or len(reference) == 0:
+            shares[method] = np.nan
+            continue
+        le_kl = reference[None, :, 0] <= points[:, None, 0]
+        ge_reward = reference[None, :, 1] >= points[:, None, 1]
+        strict = (reference[None, :, 0] < points[:, None, 0]) | (reference[None, :, 1] > points[:, None, 1])
+        shares[method] = float((le_kl & ge_reward & strict).any(axis=1).mean())
+    return pd.Series(shares, name=f"dominated by {by}")

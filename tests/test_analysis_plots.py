@@ -1,0 +1,65 @@
+"""Frontier analysis and plots on a small synthetic results table."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dpo_lab.analysis import best_reward_at_budgets, check_results, dominated_share, pareto_frontier
+from dpo_lab.plots import plot_frontier, plot_training_curves
+
+
+def _table():
+    rows = []
+    for method, name, value, points in [
+        ("dpo", "beta", 0.1, [(0, 0.0, 0.60), (1, 2.0, 0.80), (2, 5.0, 0.90)]),
+        ("ppo", "target_kl", 6.0, [(0, 0.0, 0.60), (1, 3.0, 0.70), (2, 6.0, 0.85)]),
+        ("ppo-gt", "target_kl", 6.0, [(0, 0.0, 0.60), (1, 1.0, 0.82), (2, 7.0, 0.88)]),
+        ("best-of-n", "n", 4.0, [(0, 0.66, 0.75)]),
+    ]:
+        for step, kl, reward in points:
+            rows.append({"method": method, "run_id": f"{method}/x", "hyperparameter_name": name,
+                         "hyperparameter": value, "seed": 0, "step": step if method != "best-of-n" else 1,
+                         "reward": reward, "reward_se": 0.01, "kl": kl, "kl_se": 0.1})
+    return pd.DataFrame(rows)
+
+
+def test_pareto_frontier_keeps_only_improving_points():
+    points = pd.DataFrame({"kl": [1, 2, 3, 4, 0.5], "reward": [0.5, 0.4, 0.7, 0.6, 0.45]})
+    frontier = pareto_frontier(points)
+    assert frontier["kl"].tolist() == [0.5, 1, 3]
+    assert np.all(np.diff(frontier["reward"]) > 0)
+
+
+def test_best_reward_at_budgets():
+    best = best_reward_at_budgets(_table(), [2, 5, 10])
+    assert best.loc["dpo", "kl<=2"] == 0.80
+    assert best.loc["ppo", "kl<=5"] == 0.70
+    assert best.loc["ppo-gt", "kl<=10"] == 0.88
+
+
+def test_dominated_share():
+    share = dominated_share(_table()[lambda t: t["step"] > 0])
+    # ppo (3, .70) and (6, .85) are both dominated by dpo (2, .80) and (5, .90);
+    # ppo-gt (1, .82) is not, (7, .88) is dominated by (5, .90).
+    assert share["ppo"] == 1.0
+    assert share["ppo-gt"] == 0.5
+
+
+def test_check_results_names_the_problem():
+    with pytest.raises(ValueError, match="missing column"):
+        check_results(_table().drop(columns="kl"))
+    bad = _table()
+    bad.loc[3, "reward"] = np.nan
+    with pytest.raises(ValueError, match="row 3"):
+        check_results(bad)
+
+
+def test_plots_write_png_and_svg(tmp_path):
+    fig = plot_frontier(_table(), save_to=tmp_path / "frontier")
+    assert (tmp_path / "frontier.png").stat().st_size > 1000
+    assert (tmp_path / "frontier.svg").exists()
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert {"DPO", "PPO", "PPO-GT", "Best of N", "SFT (pi_ref)"} <= set(labels)
+    fig = plot_training_curves(_table(), save_to=tmp_path / "curves")
+    assert (tmp_path / "curves.png").exists()
+    assert len(fig.axes) == 6
