@@ -48,16 +48,16 @@ def plot_frontier(table: pd.DataFrame, title: str = "Reward vs KL (IMDb sentimen
                   save_to: str | os.PathLike | None = None, ax: plt.Axes | None = None) -> plt.Figure:
     """Every checkpoint as a point with standard-error bars; each method's Pareto frontier as a line.
 
-    The SFT policy (step 0 rows) is drawn once as a black star. Best-of-N is drawn as a curve in
-    order of N rather than as a frontier.
+    The SFT policy (step 0 rows) is drawn once as a black star, and each frontier starts from it.
+    Best-of-N is drawn as a curve in order of N rather than as a frontier.
     """
     table = check_results(table)
     sns.set_theme(style="whitegrid", context="notebook")
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(7, 5))
-    trained = table[table["step"] > 0]
-    for method, group in trained.groupby("method", sort=False):
+    for method, group in table.groupby("method", sort=False):
         label, colour, marker = method_style(method)
-        ax.errorbar(group["kl"], group["reward"], xerr=group["kl_se"], yerr=group["reward_se"], fmt=marker,
+        trained = group[group["step"] > 0]
+        ax.errorbar(trained["kl"], trained["reward"], xerr=trained["kl_se"], yerr=trained["reward_se"], fmt=marker,
                     color=colour, alpha=0.45, markersize=5, elinewidth=0.8, linestyle="none")
         line = group.sort_values("hyperparameter") if method == "best-of-n" else pareto_frontier(group)
         ax.plot(line["kl"], line["reward"], color=colour, linewidth=2, label=label)
