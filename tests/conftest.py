@@ -1,7 +1,8 @@
-"""Shared fixtures: an isolated cache and the `ci` world, built once per test session."""
+"""Shared fixtures: the isolated cache, the IMDb sample and the `ci` world, built once per session."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,16 +10,10 @@ import pytest
 SHARED_IMDB = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imdb_sample"
 
 
-@pytest.fixture(scope="session", autouse=True)
-def isolated_home(tmp_path_factory):
-    """Every test writes its artifacts under a temporary DPO_LAB_HOME, never into data/cache."""
-    mp = pytest.MonkeyPatch()
-    home = tmp_path_factory.mktemp("dpo_lab_home")
-    mp.setenv("DPO_LAB_HOME", str(home))
-    mp.setenv("DPO_LAB_DEVICE", "cpu")
-    mp.delenv("DPO_LAB_PROFILE", raising=False)
-    yield home
-    mp.undo()
+@pytest.fixture(scope="session")
+def isolated_home() -> Path:
+    """The temporary DPO_LAB_HOME the root conftest set for this session (never data/cache)."""
+    return Path(os.environ["DPO_LAB_HOME"])
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ def test_registry_holds_the_four_profiles():
 
 
 def test_default_is_tiny_and_env_var_overrides(monkeypatch):
+    monkeypatch.delenv("DPO_LAB_PROFILE", raising=False)
     assert get_profile().name == "tiny"
     monkeypatch.setenv("DPO_LAB_PROFILE", "ci")
     assert get_profile().name == "ci"
