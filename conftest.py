@@ -1,6 +1,7 @@
 """Test-session environment, for the unit tests and for the notebooks run by nbval alike.
 
-Before anything is collected: artifacts go to a fresh temporary DPO_LAB_HOME (never data/cache),
+Before anything is collected: artifacts go to a fresh temporary DPO_LAB_HOME (never data/cache)
+and figures beside it (never the committed figures/),
 the profile is `ci` (so notebooks run at test scale) and the device is the CPU. Notebook kernels
 inherit this environment, and so reuse the `ci` artifacts the unit tests already built.
 """
@@ -11,6 +12,7 @@ import tempfile
 
 def pytest_configure(config):
     os.environ["DPO_LAB_HOME"] = tempfile.mkdtemp(prefix="dpo_lab_home_")
+    os.environ["DPO_LAB_FIGURES"] = os.path.join(os.environ["DPO_LAB_HOME"], "figures")
     os.environ["DPO_LAB_PROFILE"] = "ci"
     os.environ["DPO_LAB_DEVICE"] = "cpu"
     os.environ.setdefault("MPLBACKEND", "Agg")

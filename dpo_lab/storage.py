@@ -1,6 +1,6 @@
 """Where artifacts live, and how they are written: atomically, and keyed by the config that made them.
 
-Layout: ``$DPO_LAB_HOME`` (default ``data/cache`` under the working directory) holds one folder per
+Layout: ``$DPO_LAB_HOME`` (default ``data/cache`` in the project folder) holds one folder per
 profile, and inside it one folder per built artifact, named ``<stage>-<fingerprint>``, where the
 fingerprint hashes the configuration that produced it. A changed setting gives a new folder (a
 rebuild); an unchanged one finds the finished folder (a reuse). A folder counts as finished only
@@ -23,12 +23,40 @@ from pathlib import Path
 from typing import Any
 
 HOME_ENV_VAR = "DPO_LAB_HOME"
+FIGURES_ENV_VAR = "DPO_LAB_FIGURES"
 DONE_MARKER = "DONE"
 
 
+def project_root() -> Path:
+    """The dpo-lab checkout containing the working directory (notebooks run from ``notebooks/``).
+
+    Found by walking up to a ``pyproject.toml`` that names ``dpo-lab``; the working directory if none.
+    """
+    cwd = Path.cwd().resolve()
+    for folder in (cwd, *cwd.parents):
+        marker = folder / "pyproject.toml"
+        if marker.exists() and 'name = "dpo-lab"' in marker.read_text():
+            return folder
+    return cwd
+
+
 def home() -> Path:
-    """The cache root: ``$DPO_LAB_HOME`` or ``./data/cache``."""
-    return Path(os.environ.get(HOME_ENV_VAR) or Path("data") / "cache").resolve()
+    """The cache root: ``$DPO_LAB_HOME`` or ``data/cache`` in the project folder."""
+    return Path(os.environ.get(HOME_ENV_VAR) or project_root() / "data" / "cache").resolve()
+
+
+def figures_dir() -> Path:
+    """Where figures go: ``$DPO_LAB_FIGURES`` or ``figures/`` in the project folder (created on demand)."""
+    path = Path(os.environ.get(FIGURES_ENV_VAR) or project_root() / "figures")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def results_dir(profile_name: str) -> Path:
+    """Where a profile's committed results tables live: ``data/results/<profile>/`` in the project folder."""
+    path = project_root() / "data" / "results" / profile_name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def profile_dir(profile_name: str) -> Path:

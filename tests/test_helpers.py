@@ -73,3 +73,16 @@ def test_pick_device_default_and_override(monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             pick_device("cuda")
+
+
+def test_paths_resolve_to_the_project_from_a_subfolder(monkeypatch, tmp_path):
+    root = tmp_path / "checkout"
+    (root / "notebooks").mkdir(parents=True)
+    (root / "pyproject.toml").write_text('[project]\nname = "dpo-lab"\n')
+    monkeypatch.chdir(root / "notebooks")
+    monkeypatch.delenv("DPO_LAB_HOME", raising=False)
+    monkeypatch.delenv("DPO_LAB_FIGURES", raising=False)
+    assert storage.project_root() == root
+    assert storage.home() == root / "data" / "cache"
+    assert storage.figures_dir() == root / "figures"
+    assert storage.results_dir("tiny") == root / "data" / "results" / "tiny"
