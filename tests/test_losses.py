@@ -1,0 +1,216 @@
+"""Hand-computed checks of the DPO-family, baseline and PPO losses in dpo_lab.losses."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dpo_lab.losses import (
+    LOSS_TYPES,
+    bradley_terry_loss,
+    dpo_loss,
+    gae_advantages,
+    log1mexp,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_value_loss,
+    preferred_ft_loss,
+    unlikelihood_loss,
+)
+
+BETA, EPS = 0.5, 0.1
+# Two examples: policy chosen/rejected and reference chosen/rejected summed log-probs.
+PC, PR, RC, RR = [-1.0, -3.0], [-2.0, -1.5], [-1.5, -2.0], [-1.8, -2.5]
+# h = (pc - rc) - (pr - rr), worked out by hand.
+H = [0.5 - (-0.2), -1.0 - 1.0]
+
+
+def softplus(z: float) -> float:
+    """-log sigmoid(-z) = log(1 + e^z)."""
+    return math.log1p(math.exp(z))
+
+
+def batch(requires_grad: bool = False) -> list[torch.Tensor]:
+    return [torch.tensor(v, dtype=torch.float64, requires_grad=requires_grad) for v in (PC, PR, RC, RR)]
+
+
+EXPECTED = {
+    "sigmoid": [softplus(-BETA * h) for h in H],
+    "ipo": [(h - 1.0 / (2 * BETA)) ** 2 for h in H],
+    "cdpo": [(1 - EPS) * softplus(-BETA * h) + EPS * softplus(BETA * h) for h in H],
+    "hinge": [max(0.0, 1.0 - BETA * h) for h in H],
+    "robust": [((1 - EPS) * softplus(-BETA * h) - EPS * softplus(BETA * h)) / (1 - 2 * EPS) for h in H],
+}
+
+
+def test_hand_values_are_as_expected() -> None:
+    assert EXPECTED["ipo"] == pytest.approx([0.09, 9.0])
+    assert EXPECTED["hinge"] == pytest.approx([0.65, 2.0])
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_dpo_loss_matches_hand_computation(loss_type: str) -> None:
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        *batch(), beta=BETA, loss_type=loss_type, label_smoothing=EPS
+    )
+    assert losses.tolist() == pytest.approx(EXPECTED[loss_type], rel=1e-12)
+    assert chosen_rewards.tolist() == pytest.approx([0.25, -0.5])
+    assert rejected_rewards.tolist() == pytest.approx([-0.1, 0.5])
+
+
+@pytest.mark.parametrize("loss_type", ["cdpo", "robust"])
+def test_smoothed_losses_reduce_to_sigmoid_without_smoothing(loss_type: str) -> None:
+    losses, _, _ = dpo_loss(*batch(), beta=BETA, loss_type=loss_type)
+    assert losses.tolist() == pytest.approx(EXPECTED["sigmoid"], rel=1e-12)
+
+
+def test_implicit_rewards_are_detached() -> None:
+    _, chosen_rewards, rejected_rewards = dpo_loss(*batch(requires_grad=True), beta=BETA)
+    assert not chosen_rewards.requires_grad and not rejected_rewards.requires_grad
+
+
+def test_sigmoid_gradient_matches_paper() -> None:
+    """Gradient of Eq. 7 (paper Sec. 4): -beta sigma(r_l - r_w) on y_w, +beta sigma(r_l - r_w) on y_l."""
+    pc, pr, rc, rr = batch(requires_grad=True)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(pc, pr, rc, rr, beta=BETA)
+    losses.sum().backward()
+    weight = torch.sigmoid(rejected_rewards - chosen_rewards)
+    torch.testing.assert_close(pc.grad, -BETA * weight)
+    torch.testing.assert_close(pr.grad, BETA * weight)
+    expected_first = BETA / (1 + math.exp(BETA * H[0]))
+    assert pr.grad[0].item() == pytest.approx(expected_first)
+
+
+def test_bradley_terry_loss_hand_value() -> None:
+    loss = bradley_terry_loss(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0]))
+    expected = (math.log(1 + math.exp(-1.0)) + math.log(1 + math.exp(1.0))) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"beta": 0.0}, "beta"),
+        ({"beta": -1.0}, "beta"),
+        ({"beta": 0.1, "loss_type": "kto"}, "loss_type"),
+        ({"beta": 0.1, "loss_type": "cdpo", "label_smoothing": 0.5}, "label_smoothing"),
+        ({"beta": 0.1, "label_smoothing": -0.1}, "label_smoothing"),
+    ],
+)
+def test_dpo_loss_rejects_bad_arguments(kwargs: dict, name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        dpo_loss(*batch(), **kwargs)
+
+
+def test_dpo_loss_rejects_mismatched_shapes() -> None:
+    pc, pr, rc, rr = batch()
+    with pytest.raises(ValueError, match="ref_rejected_logps"):
+        dpo_loss(pc, pr, rc, rr[:1], beta=BETA)
+    with pytest.raises(ValueError, match="reward_rejected"):
+        bradley_terry_loss(pc, rr[:1])
+
+
+def test_preferred_ft_and_unlikelihood_hand_values() -> None:
+    # Padding holds garbage (0.0 = "p = 1", and NaN) that must be ignored.
+    chosen = torch.tensor([[math.log(0.5), math.log(0.25), float("nan")]])
+    chosen_mask = torch.tensor([[1, 1, 0]])
+    rejected = torch.tensor([[math.log(0.8), math.log(0.1), 0.0]])
+    rejected_mask = torch.tensor([[1, 1, 0]])
+    nll = -(math.log(0.5) + math.log(0.25))
+    assert preferred_ft_loss(chosen, chosen_mask).tolist() == pytest.approx([nll])
+    loss = unlikelihood_loss(chosen, chosen_mask, rejected, rejected_mask, alpha=0.5)
+    assert loss.tolist() == pytest.approx([nll - 0.5 * (math.log(0.2) + math.log(0.9))], rel=1e-5)
+
+
+def test_unlikelihood_is_stable_when_rejected_token_is_certain() -> None:
+    logps = torch.tensor([[-1e-12, -50.0]], dtype=torch.float64, requires_grad=True)
+    values = log1mexp(logps)
+    assert torch.isfinite(values).all()
+    assert values[0, 1].item() == pytest.approx(-math.exp(-50.0), rel=1e-9)
+    loss = unlikelihood_loss(torch.zeros(1, 1), torch.ones(1, 1), logps, torch.ones(1, 2), alpha=1.0)
+    loss.sum().backward()
+    assert torch.isfinite(logps.grad).all()
+
+
+def test_unlikelihood_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="alpha"):
+        unlikelihood_loss(
+            torch.zeros(1, 2), torch.ones(1, 2), torch.zeros(1, 2), torch.ones(1, 2), alpha=-1.0
+        )
+    with pytest.raises(ValueError, match="batch size"):
+        unlikelihood_loss(torch.zeros(2, 2), torch.ones(2, 2), torch.zeros(1, 2), torch.ones(1, 2))
+
+
+def test_ppo_policy_loss_hand_values() -> None:
+    logprobs = torch.tensor([[math.log(1.5), math.log(0.9), 7.0]])
+    old_logprobs = torch.zeros(1, 3)
+    advantages = torch.tensor([[1.0, -2.0, 100.0]])
+    mask = torch.tensor([[1, 1, 0]])
+    loss, stats = ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_range=0.2)
+    # Token 0: max(-1.5, -1.2) = -1.2; token 1: ratio 0.9 is inside the clip range, 1.8.
+    assert loss.item() == pytest.approx((-1.2 + 1.8) / 2, rel=1e-6)
+    assert stats["clipfrac"].item() == pytest.approx(0.5)
+    k3 = ((0.5 - math.log(1.5)) + (-0.1 - math.log(0.9))) / 2
+    assert stats["approx_kl"].item() == pytest.approx(k3, rel=1e-5)
+
+
+def test_ppo_value_loss_hand_values() -> None:
+    values = torch.tensor([[1.0, 2.0, 9.0]])
+    old_values = torch.tensor([[0.5, 2.0, 0.0]])
+    returns = torch.tensor([[0.0, 2.5, 0.0]])
+    mask = torch.tensor([[1, 1, 0]])
+    loss, stats = ppo_value_loss(values, old_values, returns, mask, clip_range_value=0.2)
+    # Token 0: unclipped error 1.0 beats clipped (0.7)^2; token 1: both 0.25.
+    assert loss.item() == pytest.approx(0.5 * (1.0 + 0.25) / 2)
+    assert stats["clipfrac"].item() == 0.0
+    _, stats = ppo_value_loss(values, old_values, torch.tensor([[2.0, 2.5, 0.0]]), mask, clip_range_value=0.2)
+    assert stats["clipfrac"].item() == pytest.approx(0.5)
+
+
+def test_ppo_rejects_bad_input() -> None:
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="advantages"):
+        ppo_policy_loss(x, x, torch.zeros(2, 2), x, clip_range=0.2)
+    with pytest.raises(ValueError, match="clip_range_value"):
+        ppo_value_loss(x, x, x, torch.ones(2, 3), clip_range_value=0.0)
+
+
+def test_gae_matches_hand_computation_with_padding() -> None:
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 5.0]], dtype=torch.float64)
+    values = torch.tensor([[0.5, 0.4, 0.3, float("nan")]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0]])
+    advantages, returns = gae_advantages(rewards, values, mask, gamma=0.9, lam=0.8)
+    a2 = 1.0 - 0.3  # last valid token: V after it is 0
+    a1 = (0.9 * 0.3 - 0.4) + 0.9 * 0.8 * a2
+    a0 = (0.9 * 0.4 - 0.5) + 0.9 * 0.8 * a1
+    assert advantages.tolist() == [pytest.approx([a0, a1, a2, 0.0])]
+    assert returns.tolist() == [pytest.approx([a0 + 0.5, a1 + 0.4, a2 + 0.3, 0.0])]
+
+
+def test_gae_rejects_left_padding() -> None:
+    with pytest.raises(ValueError, match="mask"):
+        gae_advantages(torch.zeros(1, 3), torch.zeros(1, 3), torch.tensor([[0, 1, 1]]))
+
+
+def test_masked_statistics_ignore_padding() -> None:
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, 1000.0, float("nan")]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    valid = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0], dtype=torch.float64)
+    assert masked_mean(x, mask).item() == pytest.approx(3.0)
+    assert masked_mean(x, mask, dim=1).tolist() == pytest.approx([2.0, 4.5])
+    assert masked_var(x, mask).item() == pytest.approx(valid.var().item())
+    whitened = masked_whiten(x, mask)
+    expected = (valid - valid.mean()) / valid.std()
+    torch.testing.assert_close(whitened[mask.bool()], expected, rtol=1e-6, atol=1e-6)
+    assert whitened[~mask.bool()].tolist() == [0.0, 0.0, 0.0]
+    unshifted = masked_whiten(x, mask, shift_mean=False)
+    torch.testing.assert_close(unshifted[mask.bool()], expected + 3.0, rtol=1e-6, atol=1e-6)
+
+
+def test_masked_mean_rejects_empty_mask() -> None:
+    with pytest.raises(ValueError, match="mask"):
+        masked_mean(torch.ones(2, 2), torch.zeros(2, 2))
