@@ -263,7 +263,7 @@ TINY = Profile(
     name="tiny",
     description="Offline default: Rotten Tomatoes snippets, ~1M-parameter GPT-2 from scratch, n-gram ground truth (CPU, minutes).",
     policy=PolicySpec(sft_epochs=6.0),
-    reward=RewardSpec(epochs=2),
+    reward=RewardSpec(epochs=1),
 )
 
 CI = Profile(
