@@ -264,6 +264,9 @@ TINY = Profile(
     description="Offline default: Rotten Tomatoes snippets, ~1M-parameter GPT-2 from scratch, n-gram ground truth (CPU, minutes).",
     policy=PolicySpec(sft_epochs=6.0),
     reward=RewardSpec(epochs=1),
+    offline=OfflineTrainSpec(lr=3e-4, epochs=0.5, eval_every=40),
+    ppo=PPOSpec(iterations=48, rollout_size=128, minibatch_size=32, ppo_epochs=4, lr=3e-4, init_kl_coef=0.3,
+                adaptive_kl_horizon=512, eval_every=8),
 )
 
 CI = Profile(
@@ -296,7 +299,8 @@ GPT2 = Profile(
     reward=RewardSpec(base="gpt2", epochs=3, batch_size=64, lr=1e-5),
     offline=OfflineTrainSpec(optimizer="rmsprop", lr=1e-6, warmup_steps=150, batch_size=64, epochs=1.0,
                              eval_every=100),
-    ppo=PPOSpec(iterations=150, rollout_size=1024, minibatch_size=64, ppo_epochs=4, lr=1.41e-5, eval_every=10),
+    ppo=PPOSpec(iterations=150, rollout_size=1024, minibatch_size=64, ppo_epochs=4, lr=1.41e-5, init_kl_coef=0.2,
+                eval_every=10),
     evaluation=EvalSpec(batch_size=128),
     mixed_precision="bf16",
 )

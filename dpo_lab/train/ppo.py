@@ -1,0 +1,553 @@
+"""PPO for language models: the paper's PPO (learned reward) and PPO-GT (ground-truth reward) baselines.
+
+One algorithm, one file, in the spirit of CleanRL's ``ppo.py``. PPO maximises the KL-regularised
+objective of the DPO paper, Eq. 3,
+
+    max_pi  E_{x ~ D, y ~ pi(.|x)} [ r(x, y) ] - beta * D_KL[ pi(y|x) || pi_ref(y|x) ],
+
+as an episodic RL problem in which the state is the prompt plus the tokens generated so far and
+an action is one token (Ziegler et al. 2019; Stiennon et al. 2020). One *iteration*:
+
+1. **Rollout.** ``rollout_size`` training prompts (an endless stream of seeded permutations of
+   ``world.train_prompts``), one completion each from the current policy (:func:`lm.sample_completions`:
+   KV cache, no gradient, temperature 1, ``top_k=0``), then one teacher-forced pass that gives
+   log pi, log pi_ref and the values V(s_t) at every completion token.
+2. **Reward.** A sequence score s(x, y): the learned reward model r_phi (``ppo``) or the
+   ground-truth p(positive) (``ppo-gt``), normalised (:class:`ScoreNormaliser`) as
+   s_hat = (s - m) / sd, where m and sd are the mean and standard deviation of the scores of the
+   *first* rollout (``rollout_size`` samples of pi_SFT), then frozen, so that beta means the same
+   thing for every reward and profile (the paper says "normalised rewards" without saying how).
+   Frozen rather than per-batch statistics keep the reward fixed, so PPO optimises Eq. 3 exactly
+   (for the raw score with coefficient beta * sd), and the push towards higher score fades as the
+   score saturates instead of being re-amplified by every batch's shrinking spread. The per-token
+   reward (:func:`per_token_rewards`) is r_t = -beta (log pi(y_t|.) - log pi_ref(y_t|.)) at every
+   completion token, plus s_hat at the last one; its sum over the episode is a single-sample
+   estimate of the Eq. 3 objective.
+3. **Advantages.** GAE with gamma = 1 and lambda = 0.95 (:func:`dpo_lab.losses.gae_advantages`,
+   a reversed loop over t), whitened over the rollout's tokens.
+4. **Optimisation.** ``ppo_epochs`` passes of shuffled minibatches: the clipped surrogate
+   (Schulman et al. 2017, Eq. 7; :func:`dpo_lab.losses.ppo_policy_loss`) plus ``vf_coef`` times
+   the clipped value loss (:func:`dpo_lab.losses.ppo_value_loss`), Adam, gradient-norm clipping.
+   Dropout is off: the policy stays in eval mode (gradients flow all the same), so the first
+   minibatch reproduces the rollout's log-probabilities exactly (ratio 1).
+5. **KL control** (:class:`KLController`): beta is fixed, or follows the adaptive controller of
+   Ziegler et al. (2019, Section 2.2) towards a target sequence KL.
+
+**Value head: shared trunk.** V(s_t) is a linear head (zero-initialised, so V = 0 at the start,
+the best constant guess for whitened scores) on the policy's last hidden state, as in Ziegler
+et al.'s code and TRL's former PPO trainer. Why not a separate value model: one forward pass
+gives log-probabilities and values (half the compute and memory of a second LM, which matters for
+``gpt2-large``), and the checkpoint stays one ``save_pretrained`` policy plus a head of
+``n_embd + 1`` numbers in the trainer state. The cost: the value loss also moves the policy's
+trunk, which ``vf_coef`` and the value clip keep small.
+
+**KL measurements.** The penalty inside the reward uses the sampled log-ratio (k1), whose
+expectation is the KL and whose gradient is that of Eq. 3. The controller and the logs use the
+*exact* sequence KL, sum_t KL(pi(.|x, y_<t) || pi_ref(.|x, y_<t)) over the full vocabulary at the
+sampled contexts (:func:`dpo_lab.kl.exact_token_kl`): the same quantity as the evaluation
+protocol, with far less variance. The single-sample value is logged beside it as ``kl_sample``.
+
+Checkpoints: at iteration 0 (the SFT point), every ``eval_every`` iterations and at the end, the
+policy is evaluated with :func:`dpo_lab.evaluate.evaluate_policy` against the ground truth (for
+``ppo`` as well), the row recorded, then the checkpoint saved (:class:`dpo_lab.runs.Run`): policy
+weights, and in the trainer state the value head, the optimiser, beta and the RNG state, so an
+interrupted run resumes exactly where its last checkpoint left it. A score that is NaN or
+infinite stops the run with :class:`NonFiniteScoreError`, naming the prompt, and the last good
+checkpoint is kept.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from dpo_lab import lm, runtime, storage
+from dpo_lab.evaluate import evaluate_policy
+from dpo_lab.kl import exact_token_kl, sequence_kl
+from dpo_lab.losses import (
+    gae_advantages,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_value_loss,
+)
+from dpo_lab.profiles import PPOSpec, get_profile
+from dpo_lab.runs import Run
+from dpo_lab.sentiment import score_ids
+
+ScoreFn = Callable[[Sequence[Sequence[int]], Sequence[Sequence[int]]], Tensor]
+"""``score(prompts, completions) -> (N,)`` sequence scores of token-id prompts and completions."""
+LOG_FILE = "log.txt"
+"""Human-readable events of a run (start, resume, errors), in its folder."""
+
+
+class NonFiniteScoreError(ValueError):
+    """The scorer or reward model returned NaN or an infinite value."""
+
+
+@dataclass
+class ScoreNormaliser:
+    """s_hat = (s - mean) / std, with mean and std taken from the first rollout (pi_SFT's samples), then frozen.
+
+    So PPO optimises Eq. 3 for the fixed reward s_hat, i.e. for the raw score with coefficient
+    beta * std, as Ziegler et al. (2019) normalise their reward model on samples of the initial policy.
+    """
+
+    mean: float | None = None
+    """Mean raw score of the first rollout (``None`` until then)."""
+    std: float | None = None
+    """Standard deviation (unbiased) of the raw scores of the first rollout."""
+
+    def __call__(self, scores: Tensor) -> Tensor:
+        """Normalise ``scores`` (N,), fixing the statistics on the first call."""
+        if self.mean is None:
+            self.mean, self.std = scores.mean().item(), scores.std().item()
+        return (scores - self.mean) / (self.std + 1e-8)
+
+
+@dataclass
+class KLController:
+    """The coefficient beta of the per-token KL penalty: fixed, or adaptive.
+
+    With a ``target``, the controller of Ziegler et al. (2019, Section 2.2) after each rollout of
+    ``n`` samples with mean sequence KL ``kl``: e = clip(kl / target - 1, -0.2, 0.2),
+    beta <- beta * (1 + e * n / horizon). Too much KL raises beta, too little lowers it, by at most
+    a factor (1 + 0.2 n / horizon) per rollout.
+    """
+
+    value: float
+    """The current beta."""
+    target: float | None = None
+    """Target sequence KL (nats); ``None`` keeps beta fixed."""
+    horizon: int = 10000
+    """In samples: a persistent error e moves log beta by about e every ``horizon`` samples."""
+
+    def update(self, kl: float, n_samples: int) -> None:
+        """Adapt beta to the KL ``kl`` measured on a rollout of ``n_samples`` samples (no-op when fixed)."""
+        if self.target is None:
+            return
+        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_samples / self.horizon
+
+
+class PolicyWithValue(nn.Module):
+    """The policy pi_theta and a scalar value head V on its last hidden state (shared trunk)."""
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        self.policy = policy
+        self.value_head = nn.Linear(policy.config.hidden_size, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, start: int) -> tuple[Tensor, Tensor]:
+        """Logits and values over the completion window of a :func:`rollout_batch`.
+
+        ``input_ids``, ``attention_mask``: (B, P + L) with the completion starting at column
+        ``start`` = P. Returns ``logits`` (B, L + 1, V) from position P - 1 on (the input of
+        :func:`lm.token_logps` with ``labels[:, P - 1:]``) and ``values`` (B, L) float32, where
+        ``values[:, t]`` = V(prompt, y_<t) is read where completion token t is predicted.
+        """
+        out = self.policy(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=lm.position_ids(attention_mask), output_hidden_states=True, use_cache=False)
+        values = self.value_head(out.hidden_states[-1][:, start - 1:-1]).squeeze(-1)
+        return out.logits[:, start - 1:], values.float()
+
+
+def rollout_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+                  pad_id: int) -> dict[str, Tensor]:
+    """Left-padded prompts followed by right-padded completions, so every completion starts at column P.
+
+    Returns ``input_ids``, ``attention_mask`` and ``labels`` (B, P + L), with ``labels`` -100 on
+    prompt and padding, so ``token_logps`` of the window from column P - 1 is a right-padded
+    (B, L) completion tensor (the layout :func:`gae_advantages` expects).
+    """
+    prompt_ids = lm.pad(prompts, pad_id, side="left")
+    completion_ids = lm.pad(completions, pad_id, side="right")
+    return {
+        "input_ids": torch.cat([prompt_ids, completion_ids], dim=1),
+        "attention_mask": torch.cat([lm.pad([[1] * len(p) for p in prompts], 0, side="left"),
+                                     lm.pad([[1] * len(c) for c in completions], 0, side="right")], dim=1),
+        "labels": torch.cat([torch.full_like(prompt_ids, lm.IGNORE_INDEX),
+                             lm.pad(completions, lm.IGNORE_INDEX, side="right")], dim=1),
+    }
+
+
+def per_token_rewards(scores: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor,
+                      kl_coef: float) -> Tensor:
+    """Per-token rewards of the KL-regularised objective (Eq. 3; Ziegler et al. 2019, Eq. 2).
+
+    ``scores`` (B,): (normalised) sequence scores; ``logprobs``, ``ref_logprobs``, ``mask``: (B, L),
+    right-padded completion tokens. Returns (B, L): r_t = -kl_coef (log pi - log pi_ref) at every
+    completion token, the score added at the last completion token, 0 on padding.
+    """
+    lengths = mask.sum(-1).long()
+    if bool((lengths == 0).any()):
+        raise ValueError("every completion needs at least one token to carry its score")
+    rewards = -kl_coef * (logprobs - ref_logprobs) * mask
+    rewards[torch.arange(len(scores)), lengths - 1] += scores.to(rewards.dtype)
+    return rewards
+
+
+def rollout_prompts(prompts: Sequence[Sequence[int]], iteration: int, size: int, seed: int) -> list[list[int]]:
+    """The prompts of ``iteration`` (1, 2, ...): the next ``size`` of an endless stream of permutations.
+
+    Pass e over the prompts is ``randperm`` seeded with ``(seed, e)``, so the stream is a pure
+    function of its arguments and a resumed run sees the same prompts.
+    """
+    n = len(prompts)
+    first = (iteration - 1) * size
+    passes = range(first // n, (first + size - 1) // n + 1)
+    stream = [i for e in passes
+              for i in torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + e)).tolist()]
+    offset = first - passes[0] * n
+    return [list(prompts[i]) for i in stream[offset:offset + size]]
+
+
+def check_finite(scores: Tensor, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+                 tokenizer, source: str) -> None:
+    """Raise :class:`NonFiniteScoreError` naming the first prompt (decoded) whose score is NaN or infinite."""
+    bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+    if bad:
+        i = bad[0]
+        raise NonFiniteScoreError(
+            f"{source} returned {scores[i].item()} for {len(bad)} of {len(scores)} samples; the first is "
+            f"prompt {tokenizer.decode(prompts[i])!r} with completion {tokenizer.decode(completions[i])!r}")
+
+
+@dataclass
+class Rollout:
+    """One rollout batch: inputs (N, P + L), per-token tensors (N, L), per-sample scores (N,)."""
+
+    batch: dict[str, Tensor]
+    """``input_ids``, ``attention_mask``, ``labels`` of :func:`rollout_batch`, on the training device."""
+    start: int
+    """Column P where the completions start."""
+    mask: Tensor
+    """1 on completion tokens (EOS included), 0 on padding."""
+    logprobs: Tensor
+    """log pi_old(y_t | x, y_<t) of the sampling policy."""
+    values: Tensor
+    """V_old(x, y_<t)."""
+    advantages: Tensor
+    """Whitened GAE advantages."""
+    returns: Tensor
+    """GAE returns (advantages before whitening + values): the value targets."""
+    stats: dict[str, float] = field(default_factory=dict)
+    """Diagnostics of the rollout (score, KL, entropy, timings...)."""
+
+
+@torch.no_grad()
+def teacher_forced(model: PolicyWithValue, reference: nn.Module, batch: dict[str, Tensor], start: int,
+                   chunk: int) -> dict[str, Tensor]:
+    """The rollout's per-token quantities, (N, L) each, computed ``chunk`` rows at a time.
+
+    ``logprobs``/``ref_logprobs`` of the sampled tokens, ``values``, ``mask``, the exact per-token
+    ``kl`` KL(pi || pi_ref) over the vocabulary and the policy's ``entropy``.
+    """
+    parts: dict[str, list[Tensor]] = {k: [] for k in ("logprobs", "ref_logprobs", "values", "mask", "kl",
+                                                      "entropy")}
+    for rows in torch.arange(len(batch["input_ids"])).split(chunk):
+        ids, attention, labels = (batch[k][rows] for k in ("input_ids", "attention_mask", "labels"))
+        logits, values = model(ids, attention, start)
+        ref_logits = lm.forward_logits(reference, ids, attention)[:, start - 1:]
+        logprobs, mask = lm.token_logps(logits, labels[:, start - 1:])
+        ref_logprobs, _ = lm.token_logps(ref_logits, labels[:, start - 1:])
+        log_p = F.log_softmax(logits[:, :-1].float(), dim=-1)
+        for key, value in (("logprobs", logprobs), ("ref_logprobs", ref_logprobs), ("values", values),
+                           ("mask", mask), ("kl", exact_token_kl(logits[:, :-1], ref_logits[:, :-1])),
+                           ("entropy", -(log_p.exp() * log_p).sum(-1))):
+            parts[key].append(value)
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def collect_rollout(model: PolicyWithValue, reference: nn.Module, tokenizer, prompts: list[list[int]],
+                    score: ScoreFn, score_source: str, normalise: ScoreNormaliser, kl_coef: float, spec: PPOSpec,
+                    max_new_tokens: int, generation_batch_size: int, accelerator: Accelerator) -> Rollout:
+    """Steps 1-3 of the module docstring for one batch of ``prompts``: sample, score, reward, GAE."""
+    policy = accelerator.unwrap_model(model).policy
+    timer = time.perf_counter()
+    with accelerator.autocast():
+        completions = lm.sample_completions(policy, prompts, max_new_tokens=max_new_tokens,
+                                            eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                                            batch_size=generation_batch_size)
+    time_generation = time.perf_counter() - timer
+    scores = score(prompts, completions).float().cpu()
+    check_finite(scores, prompts, completions, tokenizer, score_source)
+    time_scoring = time.perf_counter() - timer - time_generation
+
+    batch = rollout_batch(prompts, completions, tokenizer.pad_token_id)
+    batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+    start = max(map(len, prompts))
+    with accelerator.autocast():
+        out = teacher_forced(model, reference, batch, start, spec.minibatch_size)
+    mask = out["mask"]
+    rewards = per_token_rewards(normalise(scores).to(mask.device), out["logprobs"], out["ref_logprobs"], mask,
+                                kl_coef)
+    advantages, returns = gae_advantages(rewards, out["values"], mask, gamma=spec.gamma, lam=spec.lam)
+    residual_var = masked_var(returns - out["values"], mask)
+    time_logprobs = time.perf_counter() - timer - time_generation - time_scoring
+
+    lengths = mask.sum(-1)
+    stats = {
+        "score": scores.mean().item(),
+        "score_std": scores.std().item(),
+        "kl": sequence_kl(out["kl"], mask).mean().item(),
+        "kl_sample": sequence_kl(out["logprobs"] - out["ref_logprobs"], mask).mean().item(),
+        "kl_coef": kl_coef,
+        "entropy": masked_mean(out["entropy"], mask).item(),
+        "length": lengths.mean().item(),
+        "explained_variance": (1.0 - residual_var / masked_var(returns, mask)).item(),
+        "time_generation": time_generation,
+        "time_scoring": time_scoring,
+        "time_logprobs": time_logprobs,
+        "generated_tokens_per_s": lengths.sum().item() / time_generation,
+    }
+    return Rollout(batch=batch, start=start, mask=mask, logprobs=out["logprobs"], values=out["values"],
+                   advantages=masked_whiten(advantages, mask), returns=returns, stats=stats)
+
+
+def optimise(model: PolicyWithValue, optimizer: torch.optim.Optimizer, rollout: Rollout, spec: PPOSpec,
+             accelerator: Accelerator) -> dict[str, float]:
+    """Step 4: ``ppo_epochs`` passes of shuffled minibatches of the clipped policy and value losses.
+
+    Returns the means over minibatches of ``policy_loss``, ``value_loss``, ``approx_kl`` (k3 of
+    KL(old || new)), ``clipfrac`` and ``value_clipfrac``, and ``time_optimisation``.
+    """
+    timer = time.perf_counter()
+    history: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "approx_kl", "clipfrac",
+                                                       "value_clipfrac")}
+    n = len(rollout.mask)
+    for _ in range(spec.ppo_epochs):
+        for rows in torch.randperm(n).split(spec.minibatch_size):
+            rows = rows.to(rollout.mask.device)
+            ids, attention, labels = (rollout.batch[k][rows] for k in ("input_ids", "attention_mask", "labels"))
+            mask = rollout.mask[rows]
+            with accelerator.autocast():
+                logits, values = model(ids, attention, rollout.start)
+                logprobs, _ = lm.token_logps(logits, labels[:, rollout.start - 1:])
+                policy_loss, policy_stats = ppo_policy_loss(logprobs, rollout.logprobs[rows], rollout.advantages[rows],
+                                                            mask, spec.clip_range)
+                value_loss, value_stats = ppo_value_loss(values, rollout.values[rows], rollout.returns[rows], mask,
+                                                         spec.clip_range_value)
+            accelerator.backward(policy_loss + spec.vf_coef * value_loss)
+            accelerator.clip_grad_norm_(model.parameters(), spec.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            for key, value in (("policy_loss", policy_loss), ("value_loss", value_loss),
+                               ("approx_kl", policy_stats["approx_kl"]), ("clipfrac", policy_stats["clipfrac"]),
+                               ("value_clipfrac", value_stats["clipfrac"])):
+                history[key].append(value.item())
+    stats = {k: sum(v) / len(v) for k, v in history.items()}
+    stats["time_optimisation"] = time.perf_counter() - timer
+    return stats
+
+
+def ppo_iteration(model: PolicyWithValue, reference: nn.Module, optimizer: torch.optim.Optimizer, tokenizer,
+                  prompts: list[list[int]], score: ScoreFn, score_source: str, normalise: ScoreNormaliser,
+                  kl_control: KLController,
+                  spec: PPOSpec, max_new_tokens: int, generation_batch_size: int,
+                  accelerator: Accelerator) -> dict[str, float]:
+    """One PPO iteration (rollout, optimisation, KL control); returns its logged metrics."""
+    rollout = collect_rollout(model, reference, tokenizer, prompts, score, score_source, normalise, kl_control.value, spec,
+                              max_new_tokens, generation_batch_size, accelerator)
+    metrics = {**rollout.stats, **optimise(model, optimizer, rollout, spec, accelerator)}
+    kl_control.update(metrics["kl"], len(prompts))
+    seconds = sum(v for k, v in metrics.items() if k.startswith("time_"))
+    return {**metrics, "samples_per_s": len(prompts) / seconds}
+
+
+@dataclass
+class PPOSetup:
+    """Everything an iteration needs, built by :func:`setup`."""
+
+    accelerator: Accelerator
+    model: PolicyWithValue
+    """The trained policy with its value head (prepared by the accelerator)."""
+    reference: nn.Module
+    """pi_ref = pi_SFT, frozen (bf16 when the profile trains in bf16)."""
+    tokenizer: object
+    optimizer: torch.optim.Optimizer
+    ground_truth: object
+    """The ground-truth :class:`~dpo_lab.sentiment.Scorer`: every evaluation, and PPO-GT's reward."""
+    score: ScoreFn
+    """The training reward: ground truth (PPO-GT) or the learned reward model (PPO)."""
+    score_source: str
+    """Names the training reward in error messages."""
+
+
+def setup(world, spec: PPOSpec, *, use_ground_truth: bool, reward_model_path: Path | None,
+          policy_dir: Path | None = None, device=None) -> PPOSetup:
+    """Load policy (from ``policy_dir``, default pi_SFT), reference, scorers and a fresh Adam."""
+    device = runtime.pick_device(device)
+    profile = world.profile
+    accelerator = Accelerator(mixed_precision=profile.mixed_precision, cpu=device.type == "cpu")
+    policy, tokenizer = lm.load_causal_lm(policy_dir or world.sft_dir, accelerator.device)
+    reference_dtype = torch.bfloat16 if profile.mixed_precision == "bf16" else torch.float32
+    reference, _ = lm.load_causal_lm(world.sft_dir, accelerator.device, dtype=reference_dtype)
+    reference.requires_grad_(False)
+    model = PolicyWithValue(policy).to(accelerator.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ground_truth = world.load_scorer(accelerator.device)
+    if use_ground_truth:
+        score, source = functools.partial(score_ids, ground_truth, tokenizer), f"the ground truth {world.ground_truth}"
+    else:
+        from dpo_lab.train.reward import load_reward_model
+
+        score, source = load_reward_model(reward_model_path, accelerator.device).score, \
+            f"the reward model {reward_model_path}"
+    return PPOSetup(accelerator, model, reference, tokenizer, optimizer, ground_truth, score, source)
+
+
+def ppo_run(world, *, target_kl: float | None, use_ground_truth: bool, reward_model_path: Path | None, seed: int,
+            spec: PPOSpec) -> Run:
+    """The :class:`~dpo_lab.runs.Run` folder of one PPO configuration (the same configuration, the same folder)."""
+    profile = world.profile
+    method = "ppo-gt" if use_ground_truth else "ppo"
+    name, value = ("kl_coef", spec.init_kl_coef) if target_kl is None else ("target_kl", target_kl)
+    config = {"profile": profile.name, "method": method, "hyperparameter_name": name, "hyperparameter": value,
+              "seed": seed, "ppo": spec, "sampling": profile.sampling, "evaluation": profile.evaluation,
+              "mixed_precision": profile.mixed_precision, "policy": str(world.sft_dir),
+              "reward": world.ground_truth if use_ground_truth else str(reward_model_path),
+              "prompts": storage.fingerprint([world.train_prompts, world.test_prompts])}
+    return Run(profile.name, method, f"{name}{value:g}-seed{seed}", config)
+
+
+def train_ppo(world, *, target_kl: float | None, use_ground_truth: bool, reward_model_path: Path | None = None,
+              seed: int = 0, overrides: PPOSpec | None = None, device=None, progress: bool = True) -> Run:
+    """Train (or resume, or find finished) one PPO run and return its :class:`~dpo_lab.runs.Run`.
+
+    ``world``: a :class:`dpo_lab.world.World`. ``target_kl``: target sequence KL of the adaptive
+    controller, or ``None`` for the fixed coefficient ``init_kl_coef``. ``use_ground_truth``:
+    PPO-GT (reward = ground truth) rather than PPO (reward = the model at ``reward_model_path``).
+    ``overrides`` replaces the profile's ``PPOSpec``. Raises :class:`NonFiniteScoreError` if a
+    score is NaN or infinite (the last good checkpoint stays in the run folder).
+    """
+    profile = world.profile
+    spec = overrides or profile.ppo
+    if not use_ground_truth and reward_model_path is None:
+        raise ValueError("PPO with the learned reward needs reward_model_path (or use_ground_truth=True)")
+    if spec.rollout_size < 2:
+        raise ValueError(f"rollout_size must be at least 2 to normalise scores, got {spec.rollout_size}")
+    run = ppo_run(world, target_kl=target_kl, use_ground_truth=use_ground_truth,
+                  reward_model_path=reward_model_path, seed=seed, spec=spec)
+    if run.finished:
+        return run
+    method, name, value = (run.config[k] for k in ("method", "hyperparameter_name", "hyperparameter"))
+
+    resume = run.latest_checkpoint()
+    ppo = setup(world, spec, use_ground_truth=use_ground_truth, reward_model_path=reward_model_path,
+                policy_dir=resume[0] if resume else None, device=device)
+    unwrapped = ppo.accelerator.unwrap_model(ppo.model)
+    kl_control = KLController(spec.init_kl_coef, target_kl, spec.adaptive_kl_horizon)
+    normalise = ScoreNormaliser()
+    if resume:
+        state = resume[1]
+        unwrapped.value_head.load_state_dict(state["value_head"])
+        ppo.optimizer.load_state_dict(state["optimizer"])
+        kl_control.value = state["kl_coef"]
+        normalise.mean, normalise.std = state["score_mean"], state["score_std"]
+        torch.set_rng_state(state["rng"])
+        if "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], ppo.accelerator.device)
+        first, wall_before = state["step"] + 1, state["wall_s"]
+        log(run, f"resumed from the checkpoint of iteration {state['step']}")
+    else:
+        runtime.seed_everything(seed)
+        first, wall_before = 0, 0.0
+        log(run, f"started: {spec}")
+    started = time.time()
+
+    def checkpoint(iteration: int) -> None:
+        """Evaluate, record the row, then (unless it is the last iteration) save the checkpoint."""
+        wall_s = wall_before + time.time() - started
+        with ppo.accelerator.autocast():
+            evaluation = evaluate_policy(unwrapped.policy, ppo.reference, ppo.tokenizer, ppo.ground_truth,
+                                         world.test_prompts, max_new_tokens=profile.sampling.max_new_tokens,
+                                         seed=profile.evaluation.seed, batch_size=profile.evaluation.batch_size)
+        run.add_evaluation({"profile": profile.name, "run_id": run.run_id, "method": method,
+                            "hyperparameter_name": name, "hyperparameter": value, "seed": seed, "step": iteration,
+                            **evaluation.row(), "wall_s": wall_s})
+        if iteration < spec.iterations:
+            state = {"value_head": unwrapped.value_head.state_dict(), "optimizer": ppo.optimizer.state_dict(),
+                     "kl_coef": kl_control.value, "score_mean": normalise.mean, "score_std": normalise.std,
+                     "rng": torch.get_rng_state(), "wall_s": wall_s}
+            if ppo.accelerator.device.type == "cuda":
+                state["cuda_rng"] = torch.cuda.get_rng_state(ppo.accelerator.device)
+            run.save_checkpoint(iteration, unwrapped.policy, ppo.tokenizer, state)
+
+    if first == 0:
+        checkpoint(0)
+        first = 1
+    bar = tqdm(range(first, spec.iterations + 1), desc=f"{method} {name}={value:g}", disable=not progress)
+    for iteration in bar:
+        prompts = rollout_prompts(world.train_prompts, iteration, spec.rollout_size, seed)
+        try:
+            metrics = ppo_iteration(ppo.model, ppo.reference, ppo.optimizer, ppo.tokenizer, prompts, ppo.score,
+                                    ppo.score_source, normalise, kl_control, spec, profile.sampling.max_new_tokens,
+                                    profile.sampling.batch_size, ppo.accelerator)
+        except NonFiniteScoreError as err:
+            message = (f"PPO stopped at iteration {iteration}: {err}. The last good checkpoint (iteration "
+                       f"{run.latest_checkpoint()[1]['step']}) is kept in {run.path}")
+            log(run, message)
+            raise NonFiniteScoreError(message) from None
+        run.log_metrics(iteration, metrics)
+        bar.set_postfix(score=f"{metrics['score']:.3f}", kl=f"{metrics['kl']:.2f}",
+                        kl_coef=f"{metrics['kl_coef']:.3g}", refresh=False)
+        if iteration % spec.eval_every == 0 or iteration == spec.iterations:
+            checkpoint(iteration)
+    run.finish(unwrapped.policy, ppo.tokenizer)
+    log(run, f"finished after {wall_before + time.time() - started:.0f} s")
+    return run
+
+
+def log(run: Run, message: str) -> None:
+    """Append a time-stamped line to the run's ``log.txt``."""
+    with open(run.path / LOG_FILE, "a") as fh:
+        fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+
+
+@dataclass
+class PPOArgs:
+    """Options of ``dpo-lab train ppo`` and ``dpo-lab train ppo-gt``."""
+
+    target_kl: float | None = field(default=None, metadata={
+        "help": "Target sequence KL of the adaptive controller (Ziegler et al. 2019); omit for the fixed "
+                "coefficient PPOSpec.init_kl_coef."})
+    seed: int = field(default=0, metadata={"help": "Seed of rollouts (prompt order, sampling) and minibatch order."})
+
+
+def run_cli(prog: str, argv: list[str], use_ground_truth: bool) -> Run:
+    """Parse ``argv``, build what is missing upstream (world, preferences, reward model), train, print the rows."""
+    from dpo_lab.cli import parse
+    from dpo_lab.frontier import Pipeline
+
+    common, args = parse(prog, argv, PPOArgs)
+    pipeline = Pipeline(get_profile(common.profile), device=common.device)
+    run = train_ppo(pipeline.world, target_kl=args.target_kl, use_ground_truth=use_ground_truth,
+                    reward_model_path=None if use_ground_truth else pipeline.reward_model, seed=args.seed,
+                    device=common.device)
+    print(f"{run.run_id}: {run.path}")
+    print(run.evaluations()[["step", "reward", "reward_se", "kl", "kl_se", "length", "wall_s"]].to_string(index=False))
+    return run
+
+
+def run_ppo(argv: list[str]) -> None:
+    """``dpo-lab train ppo --target-kl T``: PPO against the learned reward model."""
+    run_cli("dpo-lab train ppo", argv, use_ground_truth=False)
+
+
+def run_ppo_gt(argv: list[str]) -> None:
+    """``dpo-lab train ppo-gt --target-kl T``: PPO against the ground-truth classifier."""
+    run_cli("dpo-lab train ppo-gt", argv, use_ground_truth=True)
