@@ -1,7 +1,7 @@
 """Test-session environment, for the unit tests and for the notebooks run by nbval alike.
 
 Before anything is collected: artifacts go to a fresh temporary DPO_LAB_HOME (never data/cache)
-and figures beside it (never the committed figures/),
+and figures and results tables beside it (never the committed figures/ and data/results/),
 the profile is `ci` (so notebooks run at test scale) and the device is the CPU. Notebook kernels
 inherit this environment, and so reuse the `ci` artifacts the unit tests already built.
 """
@@ -13,6 +13,7 @@ import tempfile
 def pytest_configure(config):
     os.environ["DPO_LAB_HOME"] = tempfile.mkdtemp(prefix="dpo_lab_home_")
     os.environ["DPO_LAB_FIGURES"] = os.path.join(os.environ["DPO_LAB_HOME"], "figures")
+    os.environ["DPO_LAB_RESULTS"] = os.path.join(os.environ["DPO_LAB_HOME"], "results")
     os.environ["DPO_LAB_PROFILE"] = "ci"
     os.environ["DPO_LAB_DEVICE"] = "cpu"
     # One intra-op thread: the test models are tiny, and two threads contending with another process

@@ -203,7 +203,7 @@ def run_figures(argv: list[str]) -> None:
 
     (common,) = parse("dpo-lab figures", argv)
     names = [common.profile] if common.profile else sorted(
-        p.parent.name for p in (storage.project_root() / "data" / "results").glob(f"*/{RESULTS_FILE}"))
+        p.parent.name for p in storage.results_dir("").glob(f"*/{RESULTS_FILE}"))
     if not names:
         raise ValueError("no results table found under data/results/; run `dpo-lab frontier` first")
     for name in names:

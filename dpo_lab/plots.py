@@ -40,7 +40,8 @@ def save_figure(fig: plt.Figure, save_to: str | os.PathLike) -> list[Path]:
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
     fig.savefig(paths[0], dpi=150, bbox_inches="tight")
-    fig.savefig(paths[1], bbox_inches="tight")
+    with plt.rc_context({"svg.hashsalt": "dpo-lab"}):  # fixed ids and no timestamp: redraws are identical
+        fig.savefig(paths[1], bbox_inches="tight", metadata={"Date": None})
     return paths
 
 

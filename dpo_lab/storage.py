@@ -24,6 +24,7 @@ from typing import Any
 
 HOME_ENV_VAR = "DPO_LAB_HOME"
 FIGURES_ENV_VAR = "DPO_LAB_FIGURES"
+RESULTS_ENV_VAR = "DPO_LAB_RESULTS"
 DONE_MARKER = "DONE"
 
 
@@ -53,8 +54,8 @@ def figures_dir() -> Path:
 
 
 def results_dir(profile_name: str) -> Path:
-    """Where a profile's committed results tables live: ``data/results/<profile>/`` in the project folder."""
-    path = project_root() / "data" / "results" / profile_name
+    """Where a profile's results tables live: ``$DPO_LAB_RESULTS/<profile>`` or ``data/results/<profile>/``."""
+    path = Path(os.environ.get(RESULTS_ENV_VAR) or project_root() / "data" / "results") / profile_name
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -77,6 +78,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o666 & ~umask)  # mkstemp makes the file private; the result should be an ordinary file
     try:
         yield tmp
         os.replace(tmp, path)

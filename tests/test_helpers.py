@@ -82,6 +82,7 @@ def test_paths_resolve_to_the_project_from_a_subfolder(monkeypatch, tmp_path):
     monkeypatch.chdir(root / "notebooks")
     monkeypatch.delenv("DPO_LAB_HOME", raising=False)
     monkeypatch.delenv("DPO_LAB_FIGURES", raising=False)
+    monkeypatch.delenv("DPO_LAB_RESULTS", raising=False)
     assert storage.project_root() == root
     assert storage.home() == root / "data" / "cache"
     assert storage.figures_dir() == root / "figures"
