@@ -63,7 +63,13 @@ class Run:
         path = self.path / "metrics.jsonl"
         if not path.exists():
             return pd.DataFrame()
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        if lines:  # a kill mid-append can leave a partial last line: drop it
+            try:
+                json.loads(lines[-1])
+            except json.JSONDecodeError:
+                lines.pop()
+        rows = [json.loads(line) for line in lines]
         return pd.DataFrame(rows).drop_duplicates("step", keep="last").reset_index(drop=True)
 
     def add_evaluation(self, row: dict[str, Any]) -> None:
@@ -91,15 +97,20 @@ class Run:
         os.replace(staging, target)
 
     def latest_checkpoint(self) -> tuple[Path, dict[str, Any]] | None:
-        """``(model folder, trainer state)`` of the latest checkpoint, or ``None``."""
-        folder = self.path / CHECKPOINT_DIR
-        if not (folder / TRAINER_STATE).exists():
-            return None
-        return folder, torch.load(folder / TRAINER_STATE, weights_only=True)
+        """``(model folder, trainer state)`` of the latest checkpoint, or ``None``.
+
+        A complete staged checkpoint (a kill between removing the old one and renaming the new one
+        into place) counts too: the trainer state is written last, so its presence means complete.
+        """
+        for name in (CHECKPOINT_DIR, CHECKPOINT_DIR + ".next"):
+            folder = self.path / name
+            if (folder / TRAINER_STATE).exists():
+                return folder, torch.load(folder / TRAINER_STATE, weights_only=True)
+        return None
 
     def finish(self, model, tokenizer) -> Path:
-        """Save the final model, drop the checkpoint, and mark the run finished."""
+        """Save the final model, mark the run finished, then drop the checkpoint."""
         final = save_causal_lm(model, tokenizer, self.path / FINAL_DIR)
-        shutil.rmtree(self.path / CHECKPOINT_DIR, ignore_errors=True)
         storage.write_text_atomic(self.path / storage.DONE_MARKER, "finished\n")
+        shutil.rmtree(self.path / CHECKPOINT_DIR, ignore_errors=True)
         return final

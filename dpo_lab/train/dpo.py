@@ -419,10 +419,9 @@ def train_offline(world, pairs_path: str | Path, method: str, *, beta: float = 0
     def checkpoint(step: int) -> None:
         """Evaluate, record the row, then (unless it is the last step) save the checkpoint."""
         if accelerator.is_main_process:
-            with accelerator.autocast():
-                evaluation = evaluate_policy(unwrapped, ref_model, tokenizer, scorer, world.test_prompts,
-                                             max_new_tokens=profile.sampling.max_new_tokens,
-                                             seed=profile.evaluation.seed, batch_size=profile.evaluation.batch_size)
+            evaluation = evaluate_policy(unwrapped, ref_model, tokenizer, scorer, world.test_prompts,
+                                         max_new_tokens=profile.sampling.max_new_tokens,
+                                         seed=profile.evaluation.seed, batch_size=profile.evaluation.batch_size)
             run.add_evaluation({"profile": profile.name, "run_id": run.run_id, "method": objective.name,
                                 "hyperparameter_name": hyperparameter_name, "hyperparameter": hyperparameter,
                                 "seed": spec.seed, "step": step, **evaluation.row(), "wall_s": train_seconds})

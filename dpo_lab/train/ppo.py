@@ -393,8 +393,7 @@ def setup(world, spec: PPOSpec, *, use_ground_truth: bool, reward_model_path: Pa
     profile = world.profile
     accelerator = Accelerator(mixed_precision=profile.mixed_precision, cpu=device.type == "cpu")
     policy, tokenizer = lm.load_causal_lm(policy_dir or world.sft_dir, accelerator.device)
-    reference_dtype = torch.bfloat16 if profile.mixed_precision == "bf16" else torch.float32
-    reference, _ = lm.load_causal_lm(world.sft_dir, accelerator.device, dtype=reference_dtype)
+    reference, _ = lm.load_causal_lm(world.sft_dir, accelerator.device)  # fp32, like every other method's
     reference.requires_grad_(False)
     model = PolicyWithValue(policy).to(accelerator.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr)
@@ -472,10 +471,9 @@ def train_ppo(world, *, target_kl: float | None, use_ground_truth: bool, reward_
     def checkpoint(iteration: int) -> None:
         """Evaluate, record the row, then (unless it is the last iteration) save the checkpoint."""
         wall_s = wall_before + time.time() - started
-        with ppo.accelerator.autocast():
-            evaluation = evaluate_policy(unwrapped.policy, ppo.reference, ppo.tokenizer, ppo.ground_truth,
-                                         world.test_prompts, max_new_tokens=profile.sampling.max_new_tokens,
-                                         seed=profile.evaluation.seed, batch_size=profile.evaluation.batch_size)
+        evaluation = evaluate_policy(unwrapped.policy, ppo.reference, ppo.tokenizer, ppo.ground_truth,
+                                     world.test_prompts, max_new_tokens=profile.sampling.max_new_tokens,
+                                     seed=profile.evaluation.seed, batch_size=profile.evaluation.batch_size)
         run.add_evaluation({"profile": profile.name, "run_id": run.run_id, "method": method,
                             "hyperparameter_name": name, "hyperparameter": value, "seed": seed, "step": iteration,
                             **evaluation.row(), "wall_s": wall_s})
