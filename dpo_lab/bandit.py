@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dpo_lab.bradley_terry import bt_probability
+from dpo_lab.bradley_terry import bt_probability, lbfgs_minimise
 from dpo_lab.losses import check_beta, check_same_shape, dpo_loss
 
 DTYPE = torch.float64
@@ -168,25 +168,8 @@ def _adam_iterates(
 
 
 def _lbfgs_polish(logits: Tensor, loss_fn: Callable[[Tensor], Tensor], max_iter: int) -> Tensor:
-    """Refine ``logits`` (X, Y) with L-BFGS (strong Wolfe line search); returns detached logits."""
-    params = logits.clone().requires_grad_(True)
-    optimizer = torch.optim.LBFGS(
-        [params],
-        lr=1.0,
-        max_iter=max_iter,
-        tolerance_grad=1e-12,
-        tolerance_change=1e-15,
-        line_search_fn="strong_wolfe",
-    )
-
-    def closure() -> Tensor:
-        optimizer.zero_grad()
-        loss = loss_fn(params)
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return params.detach()
+    """Refine ``logits`` (X, Y) with L-BFGS to tight tolerances; returns detached logits."""
+    return lbfgs_minimise(logits, loss_fn, max_iter, tolerance_grad=1e-12, tolerance_change=1e-15)
 
 
 def _dpo_tabular_loss(

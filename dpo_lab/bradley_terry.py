@@ -7,7 +7,7 @@ Bradley-Terry preference probability, Eq. 2 its negative log-likelihood, and App
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,27 @@ def _as_comparisons(n_items: int, comparisons: Tensor | Sequence[tuple[int, int]
     return pairs
 
 
+def lbfgs_minimise(initial: Tensor, loss_fn: Callable[[Tensor], Tensor], max_iter: int,
+                   tolerance_grad: float = 1e-10, tolerance_change: float = 1e-14) -> Tensor:
+    """Minimise ``loss_fn`` from ``initial`` (any shape) by L-BFGS with a strong-Wolfe line search.
+
+    Returns the detached minimiser, same shape as ``initial``. Shared by the Bradley-Terry fit and
+    the tabular DPO/PG solvers of :mod:`dpo_lab.bandit`.
+    """
+    params = initial.clone().requires_grad_(True)
+    optimizer = torch.optim.LBFGS([params], lr=1.0, max_iter=max_iter, tolerance_grad=tolerance_grad,
+                                  tolerance_change=tolerance_change, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = loss_fn(params)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return params.detach()
+
+
 def fit_bradley_terry(
     n_items: int,
     comparisons: Tensor | Sequence[tuple[int, int]],
@@ -51,25 +72,12 @@ def fit_bradley_terry(
     if l2 < 0:
         raise ValueError(f"l2 must be >= 0, got l2={l2}")
     pairs = _as_comparisons(n_items, comparisons)
-    scores = torch.zeros(n_items, dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS(
-        [scores],
-        lr=1.0,
-        max_iter=steps,
-        tolerance_grad=1e-10,
-        tolerance_change=1e-14,
-        line_search_fn="strong_wolfe",
-    )
 
-    def closure() -> Tensor:
-        optimizer.zero_grad()
+    def loss_fn(scores: Tensor) -> Tensor:
         nll = -F.logsigmoid(scores[pairs[:, 0]] - scores[pairs[:, 1]]).mean()
-        loss = nll + 0.5 * l2 * scores.pow(2).sum()
-        loss.backward()
-        return loss
+        return nll + 0.5 * l2 * scores.pow(2).sum()
 
-    optimizer.step(closure)
-    fitted = scores.detach()
+    fitted = lbfgs_minimise(torch.zeros(n_items, dtype=torch.float64), loss_fn, steps)
     return fitted - fitted.mean()
 
 
