@@ -132,19 +132,11 @@ def rank_samples(prompt_ids: Sequence[int], prompts: Sequence[Sequence[int]], co
     return rows, counts
 
 
-def _cache_name(name_or_path: str | os.PathLike) -> str:
-    """A model's identity in a cache key: its path inside the cache home, else the path or hub id as given."""
-    path = Path(name_or_path)
-    if path.exists() and path.resolve().is_relative_to(storage.home()):
-        return str(path.resolve().relative_to(storage.home()))
-    return str(name_or_path)
-
-
 def preference_config(world) -> dict:
     """The cache key of the preference data: its spec, the sampling spec, pi_SFT, the ground truth, the prompts."""
     profile = world.profile
-    return {"preferences": profile.preferences, "sampling": profile.sampling, "sft": _cache_name(world.sft_dir),
-            "ground_truth": _cache_name(world.ground_truth),
+    return {"preferences": profile.preferences, "sampling": profile.sampling, "sft": storage.cache_name(world.sft_dir),
+            "ground_truth": storage.cache_name(world.ground_truth),
             "prompts": storage.fingerprint(world.train_prompts[:profile.preferences.n_prompts])}
 
 

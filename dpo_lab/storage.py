@@ -123,6 +123,17 @@ def fingerprint(config: Any) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:10]
 
 
+def cache_name(name_or_path: str | os.PathLike) -> str:
+    """An artifact's identity in a cache key: its path inside the cache home, else the path or hub id as given.
+
+    Keys built this way survive moving the cache (``$DPO_LAB_HOME``) or the clone.
+    """
+    path = Path(name_or_path)
+    if path.exists() and path.resolve().is_relative_to(home().resolve()):
+        return str(path.resolve().relative_to(home().resolve()))
+    return str(name_or_path)
+
+
 def is_done(path: Path) -> bool:
     """Whether ``path`` is a finished artifact folder."""
     return (path / DONE_MARKER).exists()

@@ -15,7 +15,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from dpo_lab import cli, runs
+from dpo_lab import cli, runs, storage
 from dpo_lab.preferences import PreferenceDataError, build_preferences, load_preferences
 from dpo_lab.train import dpo
 from dpo_lab.train.dpo import Objective, train_offline
@@ -122,7 +122,8 @@ def test_interrupted_run_resumes_to_the_same_evaluations(low_beta, ci_world, pai
     monkeypatch.setattr(runs.Run, "log_metrics", crash_after_checkpoint)
     with pytest.raises(Interrupted):
         train_offline(ci_world, pairs, "dpo", beta=0.05, progress=False)
-    broken = runs.Run(ci_world.profile.name, "dpo", "beta0.05-seed0", low_beta.config)
+    (folder,) = (tmp_path / ci_world.profile.name / "runs" / "dpo").glob("beta0.05-seed0-*")
+    broken = runs.Run(ci_world.profile.name, "dpo", "beta0.05-seed0", storage.read_json(folder / "config.json"))
     assert broken.path != low_beta.path and not broken.finished
     assert broken.latest_checkpoint()[1]["step"] == eval_every
     assert broken.evaluations()["step"].tolist() == [0, eval_every]

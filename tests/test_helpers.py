@@ -38,6 +38,16 @@ def test_cached_artifact_builds_once_and_rebuilds_on_change(monkeypatch, tmp_pat
     assert first.parent == tmp_path / "ci"
 
 
+def test_cache_names_survive_moving_the_cache(monkeypatch, tmp_path):
+    """Keys name upstream artifacts by their path inside the cache, so a moved cache is reused, not rebuilt."""
+    for home in ("old", "moved"):
+        monkeypatch.setenv("DPO_LAB_HOME", str(tmp_path / home))
+        (tmp_path / home / "tiny" / "sft-abc" / "policy").mkdir(parents=True)
+        assert storage.cache_name(tmp_path / home / "tiny" / "sft-abc" / "policy") == "tiny/sft-abc/policy"
+    assert storage.cache_name(tmp_path / "old" / "tiny") == str(tmp_path / "old" / "tiny")  # outside the cache
+    assert storage.cache_name("gpt2") == "gpt2"  # a hub id stays as given
+
+
 def test_interrupted_build_is_not_taken_as_finished(monkeypatch, tmp_path):
     monkeypatch.setenv("DPO_LAB_HOME", str(tmp_path))
 

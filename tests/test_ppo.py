@@ -193,7 +193,7 @@ def test_nan_score_stops_the_run_and_it_resumes(ci_world, one_thread, monkeypatc
     monkeypatch.setenv("DPO_LAB_HOME", str(tmp_path))
     fresh = train_ppo(ci_world, **options, overrides=spec, progress=False)
     assert fresh.path != run.path
-    timing = ["wall_s", "samples_per_s", "generated_tokens_per_s"]
+    timing = ["wall_s", "samples_per_s", "generated_tokens_per_s", "run_id"]  # run_id: the key names the folder
     pd.testing.assert_frame_equal(fresh.evaluations().drop(columns=timing, errors="ignore"),
                                   resumed.evaluations().drop(columns=timing, errors="ignore"))
     metrics = [m.drop(columns=[c for c in m.columns if c.startswith("time_") or c in timing])

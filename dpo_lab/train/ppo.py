@@ -417,8 +417,8 @@ def ppo_run(world, *, target_kl: float | None, use_ground_truth: bool, reward_mo
     name, value = ("kl_coef", spec.init_kl_coef) if target_kl is None else ("target_kl", target_kl)
     config = {"profile": profile.name, "method": method, "hyperparameter_name": name, "hyperparameter": value,
               "seed": seed, "ppo": spec, "sampling": profile.sampling, "evaluation": profile.evaluation,
-              "mixed_precision": profile.mixed_precision, "policy": str(world.sft_dir),
-              "reward": world.ground_truth if use_ground_truth else str(reward_model_path),
+              "mixed_precision": profile.mixed_precision, "policy": storage.cache_name(world.sft_dir),
+              "reward": storage.cache_name(world.ground_truth if use_ground_truth else reward_model_path),
               "prompts": storage.fingerprint([world.train_prompts, world.test_prompts])}
     return Run(profile.name, method, f"{name}{value:g}-seed{seed}", config)
 
