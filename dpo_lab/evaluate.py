@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from transformers import PreTrainedModel
 
-from dpo_lab.kl import exact_token_kl, sequence_kl
-from dpo_lab.lm import completion_batch, forward_logits, sample_completions, shift_for_next_token, token_logps
+from dpo_lab.kl import token_kl_and_logps
+from dpo_lab.lm import completion_batch, labelled_logits, sample_completions
 from dpo_lab.sentiment import Scorer, score_ids
 
 
@@ -63,20 +63,20 @@ def kl_to_reference(policy: PreTrainedModel, reference: PreTrainedModel, prompts
 
     Returns ``(exact, sample)``, both (N,): ``exact`` sums the full-vocabulary KL at every
     completion position, ``sample`` sums the log-ratio of the sampled tokens (the k1 estimator).
+    The default ``batch_size`` keeps the (tokens, vocabulary) log-probabilities small enough to stay
+    fast on a CPU's caches and within memory at the paper's vocabulary.
     """
     device = next(policy.parameters()).device
     exact, sample = [], []
     for start in range(0, len(prompts), batch_size):
         batch = completion_batch(prompts[start:start + batch_size], completions[start:start + batch_size], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits_p = forward_logits(policy, batch["input_ids"], batch["attention_mask"])
-        logits_q = forward_logits(reference, batch["input_ids"], batch["attention_mask"])
-        logps_p, mask = token_logps(logits_p, batch["labels"])
-        logps_q, _ = token_logps(logits_q, batch["labels"])
-        shifted_p, _ = shift_for_next_token(logits_p, batch["labels"])
-        shifted_q, _ = shift_for_next_token(logits_q, batch["labels"])
-        exact.append(sequence_kl(exact_token_kl(shifted_p, shifted_q), mask).cpu())
-        sample.append(((logps_p - logps_q) * mask).sum(-1).cpu())
+        logits_p, targets, mask = labelled_logits(policy, batch)  # (N, V), (N,), (B, T-1)
+        logits_q, _, _ = labelled_logits(reference, batch)
+        kl, logp, logq = token_kl_and_logps(logits_p, logits_q, targets)  # each (N,)
+        rows = mask.nonzero()[:, 0]
+        exact.append(torch.zeros(len(mask), device=device).index_add_(0, rows, kl).cpu())
+        sample.append(torch.zeros(len(mask), device=device).index_add_(0, rows, logp - logq).cpu())
     return torch.cat(exact), torch.cat(sample)
 
 
@@ -95,7 +95,7 @@ def evaluate_policy(policy: PreTrainedModel, reference: PreTrainedModel, tokeniz
                                      pad_id=pad_id, batch_size=batch_size, seed=seed, progress=progress,
                                      desc="evaluating")
     scores = score_ids(scorer, tokenizer, prompts, completions)
-    exact, sample = kl_to_reference(policy, reference, prompts, completions, pad_id, batch_size=batch_size)
+    exact, sample = kl_to_reference(policy, reference, prompts, completions, pad_id)
     policy.train(was_training)
     reward, reward_se = mean_and_se(scores)
     kl, kl_se = mean_and_se(exact)

@@ -106,6 +106,24 @@ def forward_logits(model: PreTrainedModel, input_ids: torch.Tensor, attention_ma
                  position_ids=position_ids(attention_mask), use_cache=False).logits
 
 
+def labelled_logits(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Next-token logits at the labelled (completion) positions only, for evaluation.
+
+    ``batch`` as produced by :func:`completion_batch`: ``input_ids``, ``attention_mask``, ``labels``
+    (B, T). Runs the transformer body on every position but the output head only where the next
+    token is labelled (prompt and padding cost no head computation). Returns ``(logits, targets,
+    mask)``: logits (N, V) and targets (N,) for the N labelled positions, in row-major order of
+    ``mask`` (B, T-1). Assumes the head is the model's output embedding applied to the last hidden
+    state, as in GPT-2.
+    """
+    attention_mask = batch["attention_mask"]
+    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=attention_mask,
+                              position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
+    hidden, targets = shift_for_next_token(hidden, batch["labels"])
+    mask = targets != IGNORE_INDEX
+    return model.get_output_embeddings()(hidden[mask]), targets[mask], mask
+
+
 def shift_for_next_token(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Align logits (B, T, V) with the tokens they predict: returns ``(logits[:, :-1], labels[:, 1:])``."""
     return logits[:, :-1], labels[:, 1:]

@@ -103,3 +103,25 @@ def test_save_and_load_round_trip(tmp_path, tiny_gpt2):
     assert tokenizer.pad_token == "t0" and tokenizer.padding_side == "left"
     batch = lm.completion_batch(PROMPTS, COMPLETIONS, pad_id=0)
     torch.testing.assert_close(lm.sequence_logps(model, **batch), lm.sequence_logps(tiny_gpt2, **batch))
+
+
+def test_kl_to_reference_matches_the_full_logits_computation(tiny_gpt2):
+    """The evaluation's KL (head on completion positions only, batched) equals summing exact_token_kl
+    and the sampled log-ratio over full-sequence logits, one unpadded sequence at a time."""
+    from dpo_lab.evaluate import kl_to_reference
+    from dpo_lab.kl import exact_token_kl
+
+    torch.manual_seed(1)
+    other = GPT2LMHeadModel(tiny_gpt2.config).eval()
+    exact, sample = kl_to_reference(tiny_gpt2, other, PROMPTS, COMPLETIONS, pad_id=0, batch_size=2)
+    for i, (p, c) in enumerate(zip(PROMPTS, COMPLETIONS)):
+        ids = torch.tensor([p + c])
+        with torch.no_grad():
+            logits_p, logits_q = tiny_gpt2(ids).logits[0], other(ids).logits[0]
+        rows = slice(len(p) - 1, len(p) + len(c) - 1)  # positions predicting the completion tokens
+        expected_exact = exact_token_kl(logits_p[rows], logits_q[rows]).sum()
+        ratio = torch.log_softmax(logits_p[rows], -1) - torch.log_softmax(logits_q[rows], -1)
+        expected_sample = ratio[torch.arange(len(c)), torch.tensor(c)].sum()
+        assert expected_exact > 1e-3  # the two models differ
+        assert exact[i].item() == pytest.approx(expected_exact.item(), rel=1e-4, abs=1e-7)
+        assert sample[i].item() == pytest.approx(expected_sample.item(), rel=1e-4, abs=1e-7)

@@ -44,7 +44,7 @@ trunk, which ``vf_coef`` and the value clip keep small.
 **KL measurements.** The penalty inside the reward uses the sampled log-ratio (k1), whose
 expectation is the KL and whose gradient is that of Eq. 3. The controller and the logs use the
 *exact* sequence KL, sum_t KL(pi(.|x, y_<t) || pi_ref(.|x, y_<t)) over the full vocabulary at the
-sampled contexts (:func:`dpo_lab.kl.exact_token_kl`): the same quantity as the evaluation
+sampled contexts (:func:`dpo_lab.kl.token_kl_and_logps`): the same quantity as the evaluation
 protocol, with far less variance. The single-sample value is logged beside it as ``kl_sample``.
 
 Checkpoints: at iteration 0 (the SFT point), every ``eval_every`` iterations and at the end, the
@@ -72,7 +72,7 @@ from tqdm.auto import tqdm
 
 from dpo_lab import lm, runtime, storage
 from dpo_lab.evaluate import evaluate_policy
-from dpo_lab.kl import exact_token_kl, sequence_kl
+from dpo_lab.kl import sequence_kl, token_kl_and_logps
 from dpo_lab.losses import (
     gae_advantages,
     masked_mean,
@@ -261,12 +261,13 @@ def teacher_forced(model: PolicyWithValue, reference: nn.Module, batch: dict[str
         ids, attention, labels = (batch[k][rows] for k in ("input_ids", "attention_mask", "labels"))
         logits, values = model(ids, attention, start)
         ref_logits = lm.forward_logits(reference, ids, attention)[:, start - 1:]
-        logprobs, mask = lm.token_logps(logits, labels[:, start - 1:])
-        ref_logprobs, _ = lm.token_logps(ref_logits, labels[:, start - 1:])
+        targets = labels[:, start:]  # the tokens that logits[:, :-1] predict
+        mask = targets != lm.IGNORE_INDEX
+        kl, logprobs, ref_logprobs = token_kl_and_logps(logits[:, :-1], ref_logits[:, :-1],
+                                                        targets.masked_fill(~mask, 0))
         log_p = F.log_softmax(logits[:, :-1].float(), dim=-1)
-        for key, value in (("logprobs", logprobs), ("ref_logprobs", ref_logprobs), ("values", values),
-                           ("mask", mask), ("kl", exact_token_kl(logits[:, :-1], ref_logits[:, :-1])),
-                           ("entropy", -(log_p.exp() * log_p).sum(-1))):
+        for key, value in (("logprobs", logprobs * mask), ("ref_logprobs", ref_logprobs * mask), ("values", values),
+                           ("mask", mask.float()), ("kl", kl), ("entropy", -(log_p.exp() * log_p).sum(-1))):
             parts[key].append(value)
     return {k: torch.cat(v) for k, v in parts.items()}
 
