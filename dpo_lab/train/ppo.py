@@ -376,7 +376,7 @@ class PPOSetup:
     model: PolicyWithValue
     """The trained policy with its value head (prepared by the accelerator)."""
     reference: nn.Module
-    """pi_ref = pi_SFT, frozen (bf16 when the profile trains in bf16)."""
+    """pi_ref = pi_SFT, frozen, in fp32 (as for every method: one reference for all evaluations)."""
     tokenizer: object
     optimizer: torch.optim.Optimizer
     ground_truth: object
