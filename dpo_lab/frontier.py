@@ -7,8 +7,10 @@ point (every run's step 0), and Best-of-N over N as a curve.
 
 The runner is resumable at two levels: a finished run is skipped (its folder is marked done), an
 interrupted run resumes from its checkpoint; and after every run the tidy results table
-``data/results/<profile>/frontier.csv`` is rewritten atomically from all finished runs, so killing
-the sweep loses nothing that finished and a rerun produces the same table.
+``data/results/<profile>/frontier.csv`` is rewritten atomically, each run's rows replacing that
+run's earlier rows (rows of settings no longer in the sweep go at the end), so killing the sweep
+loses nothing that finished, the table never loses rows mid-sweep, and a rerun produces the same
+table.
 """
 
 from __future__ import annotations
@@ -41,6 +43,13 @@ class SweepEntry:
     hyperparameter_name: str
     hyperparameter: float
     seed: int = 0
+
+    def rows_in(self, table: pd.DataFrame) -> pd.Series:
+        """Which rows of a results table this entry produces (Best-of-N: every N)."""
+        same = table["method"] == self.method
+        if self.method == "best-of-n":
+            return same
+        return same & (table["hyperparameter"] == self.hyperparameter) & (table["seed"] == self.seed)
 
 
 def sweep_entries(profile: Profile, methods: Sequence[str] = METHODS) -> list[SweepEntry]:
@@ -141,13 +150,16 @@ def run_sweep(profile: Profile, methods: Sequence[str] = METHODS, device: str | 
     pipeline = Pipeline(profile, device=device, progress=progress)
     path = results_path(profile.name)
     previous = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=COLUMNS)
-    tables = [previous[~previous["method"].isin(methods)]]
+    other_methods = previous[~previous["method"].isin(methods)]
+    pending = previous[previous["method"].isin(methods)]  # earlier rows, kept until their entry reruns
+    finished: list[pd.DataFrame] = []
     started = time.time()
     for entry in tqdm(entries, desc=f"frontier sweep ({profile.name})", disable=not progress):
-        rows = pipeline.run(entry)
-        rows = rows.assign(profile=profile.name)
-        tables.append(rows)
-        write_results(pd.concat(tables, ignore_index=True), path)
+        finished.append(pipeline.run(entry).assign(profile=profile.name))
+        pending = pending[~entry.rows_in(pending)]
+        write_results(pd.concat([other_methods, pending, *finished], ignore_index=True), path)
+    if len(pending):  # rows of settings no longer in the sweep
+        write_results(pd.concat([other_methods, *finished], ignore_index=True), path)
     table = pd.read_csv(path)
     if progress:
         print(f"sweep of {len(entries)} runs done in {time.time() - started:.0f} s; table: {path}")

@@ -51,6 +51,21 @@ def test_cut_down_sweep_runs_end_to_end_and_survives_a_kill(ci_world, results_fo
     for _, rows in partial.groupby("run_id"):
         merged = table[table["run_id"] == rows["run_id"].iloc[0]].reset_index(drop=True)
         pd.testing.assert_frame_equal(rows[COLUMNS].reset_index(drop=True), merged[COLUMNS], check_dtype=False)
+
+    # A rerun killed after its first entry leaves every finished run's rows in the table.
+    calls.clear()
+    calls.append(None)
+    monkeypatch.setattr(Pipeline, "run", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(profile, methods, progress=False)
+    pd.testing.assert_frame_equal(pd.read_csv(results_path("ci")), table)
+    monkeypatch.setattr(Pipeline, "run", real_run)
+
+    # Rows of a setting no longer in the sweep are dropped when the sweep completes.
+    stale = table[table["method"] == "dpo"].assign(hyperparameter=99.0)
+    frontier.write_results(pd.concat([table, stale]), results_path("ci"))
+    pd.testing.assert_frame_equal(run_sweep(profile, methods, progress=False), table)
+
     written = write_report(profile, table)
     assert all(path.exists() for path in written)
     assert "dominated by a DPO checkpoint" in written[-1].read_text()
