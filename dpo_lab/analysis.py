@@ -40,27 +40,41 @@ def pareto_frontier(points: pd.DataFrame) -> pd.DataFrame:
     return ordered.loc[keep]
 
 
-def best_reward_at_budgets(table: pd.DataFrame, budgets: Sequence[float]) -> pd.DataFrame:
-    """For each method, the highest reward among checkpoints with KL at most each budget.
+def with_kl_per_token(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with a ``kl_per_token`` column: sequence KL divided by mean completion length.
+
+    The paper's x-axis is the sequence-level KL, which grows with the number of generated tokens;
+    per token, a method that shortens its completions no longer looks cheaper. Needs ``length``.
+    """
+    if "length" not in table.columns:
+        raise ValueError(f"KL per token needs a 'length' column; the table has {list(table.columns)}")
+    return table.assign(kl_per_token=table["kl"] / table["length"].where(table["length"] > 0))
+
+
+def best_reward_at_budgets(table: pd.DataFrame, budgets: Sequence[float], kl_column: str = "kl") -> pd.DataFrame:
+    """For each method, the highest reward among checkpoints with ``kl_column`` at most each budget.
 
     Returns a frame indexed by method with one column per budget (NaN where no point fits).
     """
+    label = "kl/token" if kl_column == "kl_per_token" else kl_column
     out = {}
     for method, group in table.groupby("method", sort=False):
-        out[method] = {f"kl<={b:g}": group.loc[group["kl"] <= b, "reward"].max() for b in budgets}
+        out[method] = {f"{label}<={b:g}": group.loc[group[kl_column] <= b, "reward"].max() for b in budgets}
     return pd.DataFrame.from_dict(out, orient="index")
 
 
-def dominated_share(table: pd.DataFrame, by: str = "dpo", of: Iterable[str] = ("ppo", "ppo-gt")) -> pd.Series:
+def dominated_share(table: pd.DataFrame, by: str = "dpo", of: Iterable[str] = ("ppo", "ppo-gt"),
+                    kl_column: str = "kl") -> pd.Series:
     """Share of each ``of`` method's points dominated by some point of method ``by``.
 
     A point (kl, reward) is dominated when a ``by`` point has KL no larger and reward no smaller,
-    one of the two strictly. The paper's claim (Figure 2, left) is that DPO dominates all PPO points.
+    one of the two strictly. The paper's claim (Figure 2, left) is that DPO dominates all PPO
+    points. ``kl_column`` chooses the KL axis (``kl`` or ``kl_per_token``).
     """
-    reference = table.loc[table["method"] == by, ["kl", "reward"]].to_numpy(dtype=float)
+    reference = table.loc[table["method"] == by, [kl_column, "reward"]].to_numpy(dtype=float)
     shares = {}
     for method in of:
-        points = table.loc[table["method"] == method, ["kl", "reward"]].to_numpy(dtype=float)
+        points = table.loc[table["method"] == method, [kl_column, "reward"]].to_numpy(dtype=float)
         if len(points) == 0 or len(reference) == 0:
             shares[method] = np.nan
             continue

@@ -24,7 +24,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from dpo_lab import storage
-from dpo_lab.analysis import best_reward_at_budgets, check_results, dominated_share
+from dpo_lab.analysis import best_reward_at_budgets, check_results, dominated_share, with_kl_per_token
 from dpo_lab.plots import plot_frontier, plot_training_curves
 from dpo_lab.profiles import Profile, get_profile
 from dpo_lab.runs import Run
@@ -170,21 +170,37 @@ def write_report(profile: Profile, table: pd.DataFrame) -> list[Path]:
     """Draw the frontier and training curves into ``figures/`` and the analysis into the results folder.
 
     Returns the paths written. The analysis holds, per method, the best reward within each KL
-    budget of ``profile.sweep.kl_budgets``, and the share of PPO/PPO-GT points dominated by DPO.
+    budget of ``profile.sweep.kl_budgets``, and the share of PPO/PPO-GT points dominated by DPO;
+    then the same per completion token (``kl_per_token_budgets``) beside the mean completion
+    length of each method's last checkpoints, since sequence KL grows with length.
     """
     table = check_results(table, source=str(results_path(profile.name)))
     figures = storage.figures_dir()
     plot_frontier(table, title=f"Reward vs KL, {profile.name} profile", save_to=figures / f"frontier_{profile.name}")
     plot_training_curves(table, save_to=figures / f"training_curves_{profile.name}")
-    budgets = best_reward_at_budgets(table, profile.sweep.kl_budgets)
-    dominated = dominated_share(table[table["step"] > 0])
+    trained = with_kl_per_token(table[table["step"] > 0])
+    last = trained.sort_values("step").groupby("run_id").tail(1)
+    lengths = pd.concat([pd.Series({"SFT (step 0)": table.loc[table["step"] == 0, "length"].mean()}),
+                         last.groupby("method")["length"].mean()]).rename("mean length")
+
+    def block(frame) -> list[str]:
+        return ["```", frame.to_string(float_format="{:.3f}".format), "```", ""]
+
     report = results_path(profile.name).with_name("analysis.md")
     storage.write_text_atomic(report, "\n".join([
         f"# Frontier analysis ({profile.name} profile)", "",
         "Highest ground-truth reward among checkpoints within each KL budget:", "",
-        "```", budgets.to_string(float_format="{:.3f}".format), "```", "",
+        *block(best_reward_at_budgets(table, profile.sweep.kl_budgets)),
         "Share of PPO / PPO-GT checkpoints dominated by a DPO checkpoint (lower or equal KL, higher or equal reward):",
-        "", "```", dominated.to_string(float_format="{:.2f}".format), "```", ""]))
+        "", *block(dominated_share(trained)),
+        "## Per completion token", "",
+        "Sequence KL grows with the number of generated tokens. Mean completion length (tokens) of the SFT "
+        "policy and of each method's last checkpoints:", "",
+        *block(lengths),
+        "Highest reward within each budget of KL per token (sequence KL / mean length):", "",
+        *block(best_reward_at_budgets(trained, profile.sweep.kl_per_token_budgets, kl_column="kl_per_token")),
+        "Share of PPO / PPO-GT checkpoints dominated by a DPO checkpoint in (KL per token, reward):", "",
+        *block(dominated_share(trained, kl_column="kl_per_token"))]))
     return [figures / f"frontier_{profile.name}.png", figures / f"training_curves_{profile.name}.png", report]
 
 

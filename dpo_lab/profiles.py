@@ -230,6 +230,8 @@ class SweepSpec:
     """Best-of-N values of N."""
     kl_budgets: tuple[float, ...] = (2.0, 5.0, 10.0)
     """KL budgets at which the analysis reports each method's best reward."""
+    kl_per_token_budgets: tuple[float, ...] = (0.1, 0.2, 0.4)
+    """The same in KL per completion token (sequence KL / mean length), where lengths differ between methods."""
 
 
 @dataclass(frozen=True)

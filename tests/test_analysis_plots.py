@@ -4,7 +4,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dpo_lab.analysis import best_reward_at_budgets, check_results, dominated_share, pareto_frontier
+from dpo_lab.analysis import (
+    best_reward_at_budgets,
+    check_results,
+    dominated_share,
+    pareto_frontier,
+    with_kl_per_token,
+)
 from dpo_lab.plots import plot_frontier, plot_training_curves
 
 
@@ -43,6 +49,22 @@ def test_dominated_share():
     # ppo-gt (1, .82) is not, (7, .88) is dominated by (5, .90).
     assert share["ppo"] == 1.0
     assert share["ppo-gt"] == 0.5
+
+
+def test_per_token_view_can_reverse_domination():
+    """A method that buys reward by shortening completions looks cheap in sequence KL, not per token."""
+    table = _table()[lambda t: t["step"] > 0].assign(length=20.0)
+    table.loc[table["method"] == "ppo-gt", "length"] = 2.0  # (1, .82) -> 0.5 nats/token, (7, .88) -> 3.5
+    per_token = with_kl_per_token(table)
+    assert per_token.loc[per_token["method"] == "dpo", "kl_per_token"].tolist() == [0.1, 0.25]
+    assert dominated_share(per_token, kl_column="kl_per_token")["ppo-gt"] == 1.0
+    assert dominated_share(per_token)["ppo-gt"] == 0.5
+    best = best_reward_at_budgets(per_token, [0.2, 1.0], kl_column="kl_per_token")
+    assert best.loc["dpo", "kl/token<=0.2"] == 0.80
+    assert best.loc["ppo-gt", "kl/token<=1"] == 0.82
+    assert np.isnan(best.loc["ppo-gt", "kl/token<=0.2"])
+    with pytest.raises(ValueError, match="length"):
+        with_kl_per_token(_table())
 
 
 def test_check_results_names_the_problem():
