@@ -13,22 +13,13 @@ from torch import Tensor
 from dpo_lab.losses import check_same_shape, masked_sum
 
 
-def exact_token_kl(logits_p: Tensor, logits_q: Tensor) -> Tensor:
-    """Exact KL(p || q) = sum_v p(v) (log p(v) - log q(v)) at every position.
-
-    ``logits_p``, ``logits_q``: (B, T, V) unnormalised logits (normalised here with a float32
-    log_softmax). Vocabulary entries with p(v) = 0 contribute 0. Returns (B, T) float32.
-    """
-    check_same_shape(logits_p=logits_p, logits_q=logits_q)
-    return _kl_from_logps(F.log_softmax(logits_p.float(), dim=-1), F.log_softmax(logits_q.float(), dim=-1))
-
-
 def token_kl_and_logps(logits_p: Tensor, logits_q: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The exact per-token KL(p || q) and both log-probabilities of the sampled tokens, in one pass.
 
     ``logits_p``, ``logits_q``: (..., V) logits; ``targets``: (...) the sampled token ids. Returns
-    ``(kl, logp, logq)``, each (...) float32, from one log_softmax per model: the same values as
-    :func:`exact_token_kl` and :func:`dpo_lab.lm.token_logps`, at a third of their cost together.
+    ``(kl, logp, logq)``, each (...) float32: ``kl`` = sum_v p(v) (log p(v) - log q(v)) with
+    p, q the float32 softmax of the logits (entries with p(v) = 0 contribute 0), and the log-probs
+    of ``targets`` as :func:`dpo_lab.lm.token_logps` gives them, from one log_softmax per model.
     """
     check_same_shape(logits_p=logits_p, logits_q=logits_q)
     logp = F.log_softmax(logits_p.float(), dim=-1)

@@ -7,16 +7,22 @@ import math
 import pytest
 import torch
 
-from dpo_lab.kl import exact_token_kl, kl_estimators, sequence_kl
+from dpo_lab.kl import kl_estimators, sequence_kl, token_kl_and_logps
 
 
-def test_exact_token_kl_hand_value() -> None:
+def exact_token_kl(logits_p, logits_q):
+    return token_kl_and_logps(logits_p, logits_q, torch.zeros(logits_p.shape[:-1], dtype=torch.long))[0]
+
+
+def test_exact_token_kl_and_sampled_logps_hand_values() -> None:
     logits_p = torch.tensor([[[0.0, math.log(3.0)], [float("-inf"), 0.0]]])  # p = (1/4, 3/4), (0, 1)
     logits_q = torch.zeros(1, 2, 2)  # q = (1/2, 1/2)
-    kl = exact_token_kl(logits_p, logits_q)
+    kl, logp, logq = token_kl_and_logps(logits_p, logits_q, torch.tensor([[1, 1]]))
     expected = [0.25 * math.log(0.5) + 0.75 * math.log(1.5), math.log(2.0)]
-    assert kl.shape == (1, 2)
+    assert kl.shape == logp.shape == logq.shape == (1, 2)
     assert kl[0].tolist() == pytest.approx(expected, rel=1e-6)
+    assert logp[0].tolist() == pytest.approx([math.log(0.75), 0.0], abs=1e-6)
+    assert logq[0].tolist() == pytest.approx([math.log(0.5)] * 2, rel=1e-6)
 
 
 def test_exact_token_kl_is_zero_for_equal_logits_and_shift_invariant() -> None:

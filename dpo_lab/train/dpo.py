@@ -214,7 +214,8 @@ def cached_reference_logps(world, pairs_path: Path, pairs: Pairs, reference, acc
         logps = torch.cat(out).float().cpu()
         save_file({"chosen": logps[:, 0].contiguous(), "rejected": logps[:, 1].contiguous()}, folder / REFERENCE_FILE)
 
-    config = {"pairs": storage.cache_name(pairs_path), "policy": storage.cache_name(world.sft_dir), "mixed_precision": world.profile.mixed_precision}
+    config = {"pairs": storage.cache_name(pairs_path), "policy": storage.cache_name(world.sft_dir),
+              "mixed_precision": world.profile.mixed_precision}
     with accelerator.main_process_first():
         folder = storage.cached_artifact(world.profile.name, "reference_logps", config, build)
     tensors = load_file(folder / REFERENCE_FILE)
@@ -386,7 +387,8 @@ def train_offline(world, pairs_path: str | Path, method: str, *, beta: float = 0
     config = {"profile": profile.name, "method": objective.name, **objective.settings(), "seed": spec.seed,
               "offline": spec, "reference": reference, "sampling": profile.sampling, "evaluation": profile.evaluation,
               "mixed_precision": profile.mixed_precision, "policy": storage.cache_name(world.sft_dir),
-              "pairs": storage.cache_name(pairs_path), "ground_truth": storage.cache_name(world.ground_truth), "prompts": storage.fingerprint(world.test_prompts)}
+              "pairs": storage.cache_name(pairs_path), "ground_truth": storage.cache_name(world.ground_truth),
+              "prompts": storage.fingerprint(world.test_prompts)}
     label = f"seed{spec.seed}" if hyperparameter_name == "seed" else f"{hyperparameter_name}{hyperparameter:g}-seed{spec.seed}"
     run = Run(profile.name, objective.name, label, config)
     if run.finished:
