@@ -51,6 +51,13 @@ def with_kl_per_token(table: pd.DataFrame) -> pd.DataFrame:
     return table.assign(kl_per_token=table["kl"] / table["length"].where(table["length"] > 0))
 
 
+def completion_lengths(table: pd.DataFrame) -> pd.Series:
+    """Mean completion length (tokens): the SFT policy's (step 0), then each method's last checkpoints."""
+    last = table[table["step"] > 0].sort_values("step").groupby("run_id").tail(1)
+    sft = pd.Series({"SFT (step 0)": table.loc[table["step"] == 0, "length"].mean()})
+    return pd.concat([sft, last.groupby("method")["length"].mean()]).rename("mean length")
+
+
 def best_reward_at_budgets(table: pd.DataFrame, budgets: Sequence[float], kl_column: str = "kl") -> pd.DataFrame:
     """For each method, the highest reward among checkpoints with ``kl_column`` at most each budget.
 

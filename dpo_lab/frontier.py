@@ -24,7 +24,13 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from dpo_lab import storage
-from dpo_lab.analysis import best_reward_at_budgets, check_results, dominated_share, with_kl_per_token
+from dpo_lab.analysis import (
+    best_reward_at_budgets,
+    check_results,
+    completion_lengths,
+    dominated_share,
+    with_kl_per_token,
+)
 from dpo_lab.plots import plot_frontier, plot_training_curves
 from dpo_lab.profiles import Profile, get_profile
 from dpo_lab.runs import Run
@@ -179,9 +185,6 @@ def write_report(profile: Profile, table: pd.DataFrame) -> list[Path]:
     plot_frontier(table, title=f"Reward vs KL, {profile.name} profile", save_to=figures / f"frontier_{profile.name}")
     plot_training_curves(table, save_to=figures / f"training_curves_{profile.name}")
     trained = with_kl_per_token(table[table["step"] > 0])
-    last = trained.sort_values("step").groupby("run_id").tail(1)
-    lengths = pd.concat([pd.Series({"SFT (step 0)": table.loc[table["step"] == 0, "length"].mean()}),
-                         last.groupby("method")["length"].mean()]).rename("mean length")
 
     def block(frame) -> list[str]:
         return ["```", frame.to_string(float_format="{:.3f}".format), "```", ""]
@@ -196,7 +199,7 @@ def write_report(profile: Profile, table: pd.DataFrame) -> list[Path]:
         "## Per completion token", "",
         "Sequence KL grows with the number of generated tokens. Mean completion length (tokens) of the SFT "
         "policy and of each method's last checkpoints:", "",
-        *block(lengths),
+        *block(completion_lengths(table)),
         "Highest reward within each budget of KL per token (sequence KL / mean length):", "",
         *block(best_reward_at_budgets(trained, profile.sweep.kl_per_token_budgets, kl_column="kl_per_token")),
         "Share of PPO / PPO-GT checkpoints dominated by a DPO checkpoint in (KL per token, reward):", "",

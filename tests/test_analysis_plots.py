@@ -7,6 +7,7 @@ import pytest
 from dpo_lab.analysis import (
     best_reward_at_budgets,
     check_results,
+    completion_lengths,
     dominated_share,
     pareto_frontier,
     with_kl_per_token,
@@ -65,6 +66,14 @@ def test_per_token_view_can_reverse_domination():
     assert np.isnan(best.loc["ppo-gt", "kl/token<=0.2"])
     with pytest.raises(ValueError, match="length"):
         with_kl_per_token(_table())
+
+
+def test_completion_lengths_give_sft_then_each_methods_last_checkpoints():
+    table = _table().assign(length=10.0 + _table()["step"])  # last checkpoints: step 2, best-of-n step 1
+    lengths = completion_lengths(table)
+    assert lengths["SFT (step 0)"] == 10.0
+    assert lengths["dpo"] == lengths["ppo"] == 12.0
+    assert lengths["best-of-n"] == 11.0
 
 
 def test_check_results_names_the_problem():
