@@ -18,7 +18,7 @@ import torch
 
 from dpo_lab import runtime
 from dpo_lab.cli import parse
-from dpo_lab.frontier import Pipeline
+from dpo_lab.pipeline import Pipeline
 from dpo_lab.profiles import get_profile
 from dpo_lab.train.ppo import KLController, ScoreNormaliser, ppo_iteration, rollout_prompts, setup
 

@@ -1,7 +1,7 @@
 """Reading a results table the way a reader of the paper would: frontiers, budgets, domination.
 
 The results table has one row per evaluated checkpoint, with at least the columns ``method``,
-``run_id``, ``step``, ``reward``, ``reward_se``, ``kl``, ``kl_se`` (DESIGN.md section 4).
+``run_id``, ``step``, ``reward``, ``reward_se``, ``kl``, ``kl_se`` (the columns :func:`dpo_lab.evaluate.Evaluation.row` writes).
 """
 
 from __future__ import annotations

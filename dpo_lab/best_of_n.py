@@ -33,7 +33,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -44,8 +43,8 @@ from tqdm.auto import tqdm
 
 from dpo_lab import lm, runtime, storage
 from dpo_lab.evaluate import mean_and_se
-from dpo_lab.profiles import get_profile
 from dpo_lab.sentiment import score_ids
+from dpo_lab.train.reward import load_reward_model
 
 SELECTORS = ("reward-model", "ground-truth")
 SCORES_FILE = "scores.safetensors"
@@ -120,8 +119,6 @@ def draw_and_score(world, reward_model_path: Path | None, n_max: int, folder: Pa
     policy, tokenizer = world.load_policy(device)
     ground_truth = world.load_scorer(device)
     if reward_model_path is not None:
-        from dpo_lab.train.reward import load_reward_model
-
         reward_model = load_reward_model(reward_model_path, device)
     prompts = world.test_prompts
     columns: dict[str, list[Tensor]] = {"ground_truth": [], "selector": [], "length": []}
@@ -179,29 +176,3 @@ def best_of_n(world, reward_model_path: str | Path | None = None, ns: Sequence[i
 
     folder = storage.cached_artifact(profile.name, "best_of_n", {"samples": samples.name, "ns": ns}, write_results)
     return pd.read_csv(folder / RESULTS_FILE)
-
-
-@dataclass
-class BestOfNArgs:
-    """Options of ``dpo-lab best-of-n``."""
-
-    n: list[int] | None = field(default=None, metadata={
-        "help": "Values of N (e.g. --n 16, or --n 1 4 16); default: the profile's sweep list."})
-    scorer: str = field(default="reward-model", metadata={
-        "help": "Which score picks the best of N: the learned reward model, or the ground truth (an oracle).",
-        "choices": SELECTORS})
-
-
-def run_best_of_n(argv: list[str]) -> None:
-    """``dpo-lab best-of-n [--n N ...] [--scorer ground-truth]``: build what is missing, print the rows."""
-    from dpo_lab.cli import parse
-    from dpo_lab.frontier import Pipeline
-
-    common, args = parse("dpo-lab best-of-n", argv, BestOfNArgs)
-    profile = get_profile(common.profile)
-    ns = check_ns(args.n or profile.sweep.best_of_n)
-    pipeline = Pipeline(profile, device=common.device)
-    reward_model = pipeline.reward_model if args.scorer == "reward-model" else None
-    table = best_of_n(pipeline.world, reward_model, ns, scorer=args.scorer, device=common.device)
-    print(table[["hyperparameter", "reward", "reward_se", "kl", "kl_se", "kl_bound", "length"]]
-          .rename(columns={"hyperparameter": "n"}).to_string(index=False))

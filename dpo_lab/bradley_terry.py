@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from dpo_lab.losses import bradley_terry_loss
 
 
 def bt_probability(r_a: Tensor | float, r_b: Tensor | float) -> Tensor:
@@ -74,8 +75,7 @@ def fit_bradley_terry(
     pairs = _as_comparisons(n_items, comparisons)
 
     def loss_fn(scores: Tensor) -> Tensor:
-        nll = -F.logsigmoid(scores[pairs[:, 0]] - scores[pairs[:, 1]]).mean()
-        return nll + 0.5 * l2 * scores.pow(2).sum()
+        return bradley_terry_loss(scores[pairs[:, 0]], scores[pairs[:, 1]]) + 0.5 * l2 * scores.pow(2).sum()
 
     fitted = lbfgs_minimise(torch.zeros(n_items, dtype=torch.float64), loss_fn, steps)
     return fitted - fitted.mean()

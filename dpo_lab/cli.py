@@ -1,19 +1,28 @@
-"""The ``dpo-lab`` command line: one subcommand per pipeline stage.
+"""The ``dpo-lab`` command line: one subcommand per pipeline stage, and every argv-handling function.
 
-Each subcommand parses its options from dataclasses with ``transformers.HfArgumentParser`` (every
-option documented by its field's docstring-style ``help``) and calls the same library function a
-notebook calls. Subcommands are imported lazily, so ``dpo-lab --help`` is instant.
+Each subcommand parses its options from dataclasses with ``transformers.HfArgumentParser`` and
+calls the same library function a notebook calls. ``dpo-lab train <method>`` is built from the
+method registry (:mod:`dpo_lab.methods`): the method's hyperparameter, its extra options, and
+every field of its profile section as an override (``--lr``, ``--iterations``, ...), each listed
+in ``--help`` with its docstring. Nothing else in the package imports this module, and the
+library is imported inside each subcommand, so ``dpo-lab --help`` is instant.
 """
 
 from __future__ import annotations
 
-import importlib
+import ast
+import dataclasses
+import inspect
 import sys
+import textwrap
+import time
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-from dpo_lab.profiles import get_profile, profile_table
+from dpo_lab.profiles import Profile, get_profile, profile_table
 
 
 @dataclass
@@ -23,7 +32,7 @@ class CommonArgs:
     profile: str | None = field(default=None, metadata={
         "help": "Profile name (ci, tiny, gpt2, paper); default: $DPO_LAB_PROFILE or tiny."})
     device: str | None = field(default=None, metadata={
-        "help": "Device override (cpu, cuda, cuda:1, mps); default: CUDA, then MPS, then CPU."})
+        "help": "Device (cpu, cuda, cuda:1, mps); default: $DPO_LAB_DEVICE, else CUDA, then MPS, then CPU."})
 
 
 def parse(prog: str, argv: list[str], *dataclass_types):
@@ -32,61 +41,227 @@ def parse(prog: str, argv: list[str], *dataclass_types):
     return parser.parse_args_into_dataclasses(args=argv)
 
 
+def attribute_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass, read from its source."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {node.target.id: doc.value.value for node, doc in zip(body, body[1:])
+            if isinstance(node, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)}
+
+
+def override_args(spec_type: type) -> type:
+    """A dataclass with every field of ``spec_type`` as an optional option, default None (the profile's)."""
+    docs, hints = attribute_docs(spec_type), typing.get_type_hints(spec_type)
+    fields = [(f.name, hints[f.name] | None, field(default=None, metadata={
+        "help": f"{docs.get(f.name, '')} Default: the profile's."})) for f in dataclasses.fields(spec_type)]
+    return dataclasses.make_dataclass(f"{spec_type.__name__}Overrides", fields)
+
+
+def apply_overrides(spec, overrides):
+    """``spec`` with the fields set (not None) in ``overrides`` replaced; validated by the spec itself."""
+    changed = {k: v for k, v in dataclasses.asdict(overrides).items() if v is not None}
+    return dataclasses.replace(spec, **changed)
+
+
+def section_type(section: str) -> type:
+    """The spec dataclass of a ``Profile`` section, e.g. ``OfflineTrainSpec`` for ``offline``."""
+    return typing.get_type_hints(Profile)[section]
+
+
+def method_arg_types(method) -> list[type]:
+    """The option dataclasses of ``dpo-lab train <method>``: hyperparameter and seed, options, overrides."""
+    spec_fields = {f.name for f in dataclasses.fields(section_type(method.spec_section))} if method.spec_section else set()
+    own = []
+    if method.hyperparameter not in spec_fields | {"seed"}:
+        own.append((method.hyperparameter, float | None, field(default=method.default, metadata={
+            "help": f"The method's swept hyperparameter (default {method.default})."})))
+    if "seed" not in spec_fields:
+        own.append(("seed", int, field(default=0, metadata={"help": "Seed of the run."})))
+    types = [dataclasses.make_dataclass(f"{method.name}Args", own)]
+    types += [method.options] if method.options else []
+    types += [override_args(section_type(method.spec_section))] if method.spec_section else []
+    return types
+
+
+def run_train(argv: list[str]) -> None:
+    """``dpo-lab train <method> [options]``: build what is missing upstream, train one run, print its rows."""
+    from dpo_lab.methods import REGISTRY, RunRequest, get_method
+    from dpo_lab.pipeline import Pipeline
+
+    trainable = {name: (m.summary, None) for name, m in REGISTRY.items() if not m.curve}
+    if not argv or argv[0] in ("-h", "--help"):
+        print(listing("usage: dpo-lab train <method> [--profile NAME] [options]", "methods", trainable))
+        return
+    if argv[0] not in trainable:
+        raise ValueError(f"unknown training method {argv[0]!r}; known: {', '.join(trainable)}")
+    method = get_method(argv[0])
+    types = method_arg_types(method)
+    common, *parsed = parse(f"dpo-lab train {method.name}", argv[1:], *types)
+    own = dataclasses.asdict(parsed[0])
+    if method.check and method.hyperparameter in own:
+        method.check(own[method.hyperparameter])  # a bad value fails before anything is built
+    options = dataclasses.asdict(parsed[1]) if method.options else {}
+    profile = get_profile(common.profile)
+    spec = apply_overrides(getattr(profile, method.spec_section), parsed[-1]) if method.spec_section else None
+    seed = own.get("seed", getattr(spec, "seed", 0))
+    value = seed if method.hyperparameter == "seed" else own.get(method.hyperparameter)
+    rows = method.train(Pipeline(profile, device=common.device),
+                        RunRequest(value, seed=seed, spec=spec, options=options, device=common.device))
+    print(rows["run_id"].iloc[0])
+    print(rows[["step", "reward", "reward_se", "kl", "kl_se", "length", "wall_s"]].to_string(index=False))
+
+
 def run_profiles(argv: list[str]) -> None:
-    """Print every profile as a table."""
+    """``dpo-lab profiles``: print every profile as a table."""
     (common,) = parse("dpo-lab profiles", argv)
     if common.profile:
         get_profile(common.profile)
     print(profile_table())
 
 
-# method -> (one-line help, "module:function" taking argv), for ``dpo-lab train <method>``.
-TRAIN_METHODS: dict[str, tuple[str, str]] = {
-    "dpo": ("Direct Preference Optimization (Eq. 7) and its variants (--loss-type)", "dpo_lab.train.dpo:run_dpo"),
-    "unlikelihood": ("the Unlikelihood baseline (--alpha)", "dpo_lab.train.dpo:run_unlikelihood"),
-    "preferred-ft": ("supervised fine-tuning on the chosen completions", "dpo_lab.train.dpo:run_preferred_ft"),
-    "ppo": ("PPO against the learned reward model (--target-kl)", "dpo_lab.train.ppo:run_ppo"),
-    "ppo-gt": ("PPO against the ground-truth classifier (--target-kl)", "dpo_lab.train.ppo:run_ppo_gt"),
+def run_prepare(argv: list[str]) -> None:
+    """``dpo-lab prepare``: build the world and print a summary of each stage."""
+    from dpo_lab.world import WorldBuilder, summary
+
+    (common,) = parse("dpo-lab prepare", argv)
+    started = time.time()
+    builder = WorldBuilder(get_profile(common.profile), common.device, progress=True)
+    world = builder.build()
+    print(summary(world, builder.stages, time.time() - started))
+
+
+def build_artifact(command: str, argv: list[str], artifact: str, report: str):
+    """Parse a stage command, build the pipeline's ``artifact`` (and what it needs) and read its ``report`` JSON.
+
+    Returns ``(pipeline, folder, report, seconds)``, ``seconds`` being this call's time (short when cached).
+    """
+    from dpo_lab import storage
+    from dpo_lab.pipeline import Pipeline
+
+    (common,) = parse(f"dpo-lab {command}", argv)
+    pipeline = Pipeline(get_profile(common.profile), device=common.device)
+    started = time.time()
+    folder = getattr(pipeline, artifact)
+    return pipeline, folder, storage.read_json(folder / report), time.time() - started
+
+
+def run_preferences(argv: list[str]) -> None:
+    """``dpo-lab preferences``: prepare the world, build the pairs, print the summary, draw the score gaps."""
+    from dpo_lab import storage
+    from dpo_lab.plots import plot_score_gaps
+    from dpo_lab.preferences import SUMMARY, load_preferences, score_gaps
+
+    pipeline, path, s, seconds = build_artifact("preferences", argv, "pairs", SUMMARY)
+    figure = storage.figures_dir() / f"score_gap_{pipeline.profile.name}"
+    plot_score_gaps(score_gaps(load_preferences(path)), save_to=figure)
+    gaps = s["score_gap_quantiles"]
+    print(f"preferences: {path} ({seconds:.1f} s now; built in {s['seconds']:.1f} s)\n"
+          f"  {s['prompts']} prompts x {s['samples_per_prompt']} completions "
+          f"({s['mean_completion_tokens']:.1f} tokens on average, EOS in {s['eos_fraction']:.0%})\n"
+          f"  {s['pairs']} pairs of {s['pairs_possible']} possible: {s['ties_dropped']} ties dropped, "
+          f"{s['skipped_blank']} blank completions skipped, {s['prompts_without_pairs']} prompts without pairs\n"
+          f"  ground-truth score mean {s['score_mean']:.3f} (std {s['score_std']:.3f}); score gap "
+          f"median {gaps['q50']:.3f}, 10%-90% {gaps['q10']:.3f}-{gaps['q90']:.3f}\n"
+          f"  figure: {figure}.png")
+
+
+def run_reward(argv: list[str]) -> None:
+    """``dpo-lab reward``: world and pairs first if missing, then r_phi; print its metrics."""
+    from dpo_lab.train.reward import METRICS
+
+    _, path, m, seconds = build_artifact("reward", argv, "reward_model", METRICS)
+    print(f"reward model: {path} ({seconds:.1f} s now; built in {m['seconds']:.1f} s)\n"
+          f"  {m['train_pairs']} training pairs ({m['train_prompts']} prompts), {m['val_pairs']} validation pairs "
+          f"({m['val_prompts']} other prompts), {m['steps']} steps in {m['train_seconds']:.1f} s\n"
+          f"  validation accuracy {m['val_accuracy']:.3f} (best, epoch {m['best_epoch']:.2f}), "
+          f"training accuracy {m['train_accuracy']:.3f}\n"
+          f"  Spearman with the ground truth on {m['heldout_samples']} fresh SFT samples (test prompts): "
+          f"{m['heldout_spearman']:.3f}; reward offset {m['offset']:.3f}")
+
+
+@dataclass
+class BestOfNArgs:
+    """Options of ``dpo-lab best-of-n``."""
+
+    n: list[int] | None = field(default=None, metadata={
+        "help": "Values of N (e.g. --n 16, or --n 1 4 16); default: the profile's sweep list."})
+    scorer: str = field(default="reward-model", metadata={
+        "help": "Which score picks the best of N: the learned reward model, or the ground truth (an oracle).",
+        "choices": ("reward-model", "ground-truth")})
+
+
+def run_best_of_n(argv: list[str]) -> None:
+    """``dpo-lab best-of-n [--n N ...] [--scorer ground-truth]``: build what is missing, print the rows."""
+    from dpo_lab.best_of_n import best_of_n, check_ns
+    from dpo_lab.pipeline import Pipeline
+
+    common, args = parse("dpo-lab best-of-n", argv, BestOfNArgs)
+    profile = get_profile(common.profile)
+    ns = check_ns(args.n or profile.sweep.best_of_n)
+    pipeline = Pipeline(profile, device=common.device)
+    reward_model = pipeline.reward_model if args.scorer == "reward-model" else None
+    table = best_of_n(pipeline.world, reward_model, ns, scorer=args.scorer, device=common.device)
+    print(table[["hyperparameter", "reward", "reward_se", "kl", "kl_se", "kl_bound", "length"]]
+          .rename(columns={"hyperparameter": "n"}).to_string(index=False))
+
+
+@dataclass
+class FrontierArgs:
+    """Options of ``dpo-lab frontier``."""
+
+    methods: str | None = field(default=None, metadata={
+        "help": "Comma-separated subset of methods to run; default: every method swept in the profile."})
+
+
+def run_frontier(argv: list[str]) -> None:
+    """``dpo-lab frontier``: prepare what is missing, run the sweep, write the table and the figures."""
+    from dpo_lab.frontier import run_sweep, sweep_entries, write_report
+
+    common, args = parse("dpo-lab frontier", argv, FrontierArgs)
+    profile = get_profile(common.profile)
+    methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
+    sweep_entries(profile, methods)  # validate before any long work
+    table = run_sweep(profile, methods, device=common.device)
+    for path in write_report(profile, table):
+        print(f"wrote {path}")
+
+
+def run_figures(argv: list[str]) -> None:
+    """``dpo-lab figures``: redraw every figure from the committed results tables, with no training."""
+    import pandas as pd
+
+    from dpo_lab import storage
+    from dpo_lab.frontier import RESULTS_FILE, results_path, write_report
+
+    (common,) = parse("dpo-lab figures", argv)
+    names = [common.profile] if common.profile else sorted(
+        p.parent.name for p in storage.results_dir("").glob(f"*/{RESULTS_FILE}"))
+    if not names:
+        raise ValueError("no results table found under data/results/; run `dpo-lab frontier` first")
+    for name in names:
+        path = results_path(name)
+        if not path.exists():
+            raise ValueError(f"no results table at {path}; run `dpo-lab frontier --profile {name}` first")
+        for written in write_report(get_profile(name), pd.read_csv(path)):
+            print(f"wrote {written}")
+
+
+COMMANDS: dict[str, tuple[str, Callable[[list[str]], None]]] = {
+    "profiles": ("print the scale profiles (ci, tiny, gpt2, paper) as a table", run_profiles),
+    "prepare": ("build the corpus, prompts, SFT policy and ground-truth scorer", run_prepare),
+    "preferences": ("sample pi_SFT, score with the ground truth, write the preference pairs", run_preferences),
+    "reward": ("train the reward model r_phi on the preference pairs (Bradley-Terry, Eq. 2)", run_reward),
+    "train": ("train one run of a method (dpo-lab train --help lists them)", run_train),
+    "best-of-n": ("best-of-N sampling from pi_SFT: ground-truth reward and KL per N (--n, --scorer)", run_best_of_n),
+    "frontier": ("the main job: every method of Figure 2 (left), evaluated, tabled and plotted", run_frontier),
+    "figures": ("redraw every figure from the committed results tables (no training)", run_figures),
 }
+"""name -> (one-line help, function taking argv)."""
 
 
-def run_train(argv: list[str]) -> None:
-    """Dispatch ``dpo-lab train <method> ...`` to the method's trainer."""
-    if not argv or argv[0] in ("-h", "--help"):
-        print(listing("usage: dpo-lab train <method> [--profile NAME] [options]", "methods", TRAIN_METHODS))
-        return
-    if argv[0] not in TRAIN_METHODS:
-        raise ValueError(f"unknown training method {argv[0]!r}; known: {', '.join(TRAIN_METHODS)}")
-    call(TRAIN_METHODS[argv[0]][1], argv[1:])
-
-
-# name -> (one-line help, "module:function" taking argv). Later stages register themselves here.
-COMMANDS: dict[str, tuple[str, str]] = {
-    "profiles": ("print the scale profiles (ci, tiny, gpt2, paper) as a table", "dpo_lab.cli:run_profiles"),
-    "prepare": ("build the corpus, prompts, SFT policy and ground-truth scorer", "dpo_lab.world:run_prepare"),
-    "preferences": ("sample pi_SFT, score with the ground truth, write the preference pairs",
-                    "dpo_lab.preferences:run_preferences"),
-    "reward": ("train the reward model r_phi on the preference pairs (Bradley-Terry, Eq. 2)",
-               "dpo_lab.train.reward:run_reward"),
-    "train": ("train a policy: dpo, unlikelihood, preferred-ft, ppo, ppo-gt", "dpo_lab.cli:run_train"),
-    "best-of-n": ("best-of-N sampling from pi_SFT: ground-truth reward and KL per N (--n, --scorer)",
-                  "dpo_lab.best_of_n:run_best_of_n"),
-    "frontier": ("the main job: every method of Figure 2 (left), evaluated, tabled and plotted",
-                 "dpo_lab.frontier:run_frontier"),
-    "figures": ("redraw every figure from the committed results tables (no training)", "dpo_lab.frontier:run_figures"),
-}
-
-
-def listing(title: str, heading: str, entries: dict[str, tuple[str, str]]) -> str:
-    """A help block: a title line, then one line per entry with its help text."""
+def listing(title: str, heading: str, entries: dict[str, tuple]) -> str:
+    """A help block: a title line, then one line per entry with its help text (the entry's first item)."""
     width = max(len(name) for name in entries)
-    return "\n".join([title, "", f"{heading}:"] + [f"  {n.ljust(width)}  {h}" for n, (h, _) in entries.items()])
-
-
-def call(target: str, argv: list[str]) -> None:
-    """Import ``module:function`` lazily and call it with ``argv``."""
-    module_name, func_name = target.split(":")
-    getattr(importlib.import_module(module_name), func_name)(argv)
+    return "\n".join([title, "", f"{heading}:"] + [f"  {n.ljust(width)}  {e[0]}" for n, e in entries.items()])
 
 
 def usage() -> str:
@@ -108,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dpo-lab: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     try:
-        call(COMMANDS[name][1], rest)
+        COMMANDS[name][1](rest)
     except ValueError as err:
         print(f"dpo-lab {name}: error: {err}", file=sys.stderr)
         return 2

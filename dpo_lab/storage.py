@@ -139,21 +139,42 @@ def is_done(path: Path) -> bool:
     return (path / DONE_MARKER).exists()
 
 
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty staging folder ``<path>.partial``; if the block succeeds it replaces ``path``.
+
+    The swap moves an existing ``path`` aside to ``<path>.old``, renames the staging folder into
+    place, then deletes the old one, so a kill at any moment leaves a complete ``path`` or a
+    complete ``<path>.old``, never a half-written folder under the final name. If the block raises,
+    the staging folder is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    staging, old = path.with_name(path.name + ".partial"), path.with_name(path.name + ".old")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if path.exists():  # else an earlier kill may have left the only complete copy as ``old``: keep it until now
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(staging, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def cached_artifact(profile_name: str, stage: str, config: Any, build: Callable[[Path], None]) -> Path:
     """Return the finished folder for ``(stage, config)``, building it first if needed.
 
-    ``build(folder)`` writes the artifact into an empty temporary folder; ``config.json`` is written
-    beside it, then the ``DONE`` marker, then the folder is renamed into place.
+    ``build(folder)`` writes the artifact into an empty staging folder; ``config.json`` is written
+    beside it, then the ``DONE`` marker, then the folder is renamed into place (:func:`atomic_dir`).
     """
     final = profile_dir(profile_name) / f"{stage}-{fingerprint(config)}"
     if is_done(final):
         return final
-    partial = final.with_name(final.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    write_json(partial / "config.json", config)
-    build(partial)
-    write_text_atomic(partial / DONE_MARKER, time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(partial, final)
+    with atomic_dir(final) as partial:
+        write_json(partial / "config.json", config)
+        build(partial)
+        write_text_atomic(partial / DONE_MARKER, time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
     return final

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from dpo_lab import corpus, lm, runtime, sentiment, storage
-from dpo_lab.profiles import Profile, get_profile
+from dpo_lab.profiles import Profile
 from dpo_lab.train import sft
 
 SFT_SAMPLES = 10
@@ -90,80 +90,105 @@ def _score_spread(world: World, folder: Path, device: torch.device) -> None:
     })
 
 
-def _build(profile: Profile, device: torch.device | str | None, progress: bool) -> tuple[World, dict]:
-    """Build or reuse every stage; returns the world and ``{stage: (folder, seconds)}``."""
-    device = runtime.pick_device(device)
-    stages: dict[str, tuple[Path, float]] = {}
+class WorldBuilder:
+    """Builds or reuses each stage of the module docstring's table, recording ``{stage: (folder, seconds)}``."""
 
-    def stage(name: str, config: dict, build) -> Path:
+    def __init__(self, profile: Profile, device: torch.device | str | None, progress: bool):
+        self.profile, self.device, self.progress = profile, runtime.pick_device(device), progress
+        self.stages: dict[str, tuple[Path, float]] = {}
+
+    def stage(self, name: str, config: dict, build) -> Path:
         """Build or reuse one artifact folder, recording it and the seconds it took."""
         started = time.time()
-        folder = storage.cached_artifact(profile.name, name, config, build)
-        stages[name] = (folder, time.time() - started)
+        folder = storage.cached_artifact(self.profile.name, name, config, build)
+        self.stages[name] = (folder, time.time() - started)
         return folder
 
-    def write_corpus(folder: Path) -> None:
-        """Fetch, validate, clean and subsample the corpus into ``folder``."""
-        corpus.save_corpus(corpus.load_corpus(profile.corpus), folder)
+    @functools.cached_property
+    def corpus_dir(self) -> Path:
+        """Fetch, validate, clean and subsample the corpus."""
+        return self.stage("corpus", {"corpus": self.profile.corpus},
+                          lambda folder: corpus.save_corpus(corpus.load_corpus(self.profile.corpus), folder))
 
-    corpus_dir = stage("corpus", {"corpus": profile.corpus}, write_corpus)
-    reviews = functools.cache(lambda: corpus.read_parquet_folder(corpus_dir))
-    texts = {split: lambda split=split: reviews()[split]["text"].tolist() for split in corpus.SPLITS}
-    policy, prompt_spec = profile.policy, profile.prompts
+    @functools.cached_property
+    def reviews(self) -> dict:
+        """The corpus splits as data frames (read on first use)."""
+        return corpus.read_parquet_folder(self.corpus_dir)
 
-    tokenizer_dir = stage("tokenizer", {"base": policy.base, "vocab_size": policy.vocab_size,
-                                        "n_positions": policy.n_positions, "corpus": corpus_dir.name},
-                          lambda folder: sft.build_tokenizer(policy, texts["train"](), folder / "tokenizer"))
-    tokenizer = functools.cache(lambda: lm.load_tokenizer(tokenizer_dir / "tokenizer"))
+    def texts(self, split: str) -> list[str]:
+        """The review texts of ``split``."""
+        return self.reviews[split]["text"].tolist()
 
-    def write_prompts(folder: Path) -> None:
-        """Cut the train and test prompts and write them as token ids."""
-        prompts = {split: corpus.sample_prefixes(texts[split](), tokenizer(), n, prompt_spec.min_tokens,
-                                                 prompt_spec.max_tokens, prompt_spec.seed)
-                   for split, n in (("train", prompt_spec.n_train), ("test", prompt_spec.n_test))}
-        storage.write_json(folder / "prompts.json", prompts)
+    @functools.cached_property
+    def tokenizer_dir(self) -> Path:
+        """The policy's tokenizer folder: trained on the corpus (from scratch) or the base model's."""
+        policy = self.profile.policy
+        config = {"base": policy.base, "vocab_size": policy.vocab_size, "n_positions": policy.n_positions,
+                  "corpus": self.corpus_dir.name}
+        return self.stage("tokenizer", config,
+                          lambda folder: sft.build_tokenizer(policy, self.texts("train"), folder / "tokenizer")) \
+            / "tokenizer"
 
-    prompts_dir = stage("prompts", {"prompts": prompt_spec, "corpus": corpus_dir.name,
-                                    "tokenizer": tokenizer_dir.name}, write_prompts)
-    prompts = storage.read_json(prompts_dir / "prompts.json")
+    @functools.cached_property
+    def tokenizer(self):
+        """The policy's tokenizer (loaded on first use)."""
+        return lm.load_tokenizer(self.tokenizer_dir)
 
-    truth = profile.ground_truth
-    if truth.model:
-        sentiment.hub_positive_index(truth.model, truth.positive_label)
-        ground_truth, truth_key = truth.model, truth.model
-    else:
-        def write_ground_truth(folder: Path) -> None:
-            """Train the n-gram classifier on the corpus labels and record its held-out accuracy."""
-            train, test = reviews()["train"], reviews()["test"]
+    def prefixes(self, split: str, spec, n: int) -> list[list[int]]:
+        """``n`` prompts of ``spec``'s lengths, cut from the reviews of ``split``."""
+        return corpus.sample_prefixes(self.texts(split), self.tokenizer, n, spec.min_tokens, spec.max_tokens, spec.seed)
+
+    @functools.cached_property
+    def prompts_dir(self) -> Path:
+        """The train and test prompts, as token ids."""
+        spec = self.profile.prompts
+        config = {"prompts": spec, "corpus": self.corpus_dir.name, "tokenizer": self.tokenizer_dir.parent.name}
+        return self.stage("prompts", config, lambda folder: storage.write_json(folder / "prompts.json", {
+            split: self.prefixes(split, spec, n) for split, n in (("train", spec.n_train), ("test", spec.n_test))}))
+
+    def ground_truth(self) -> tuple[str, str]:
+        """``(loadable name, cache key)`` of the ground truth: a hub classifier as is, or one trained on the labels."""
+        truth = self.profile.ground_truth
+        if truth.model:
+            sentiment.hub_positive_index(truth.model, truth.positive_label)
+            return truth.model, truth.model
+
+        def write(folder: Path) -> None:
+            train, test = self.reviews["train"], self.reviews["test"]
             metrics = sentiment.build_ngram_scorer(train["text"].tolist(), train["label"].tolist(),
                                                    test["text"].tolist(), test["label"].tolist(), truth,
                                                    folder / "classifier")
             storage.write_json(folder / "metrics.json", metrics)
 
-        truth_dir = stage("ground_truth", {"ground_truth": truth, "corpus": corpus_dir.name}, write_ground_truth)
-        ground_truth, truth_key = str(truth_dir / "classifier"), truth_dir.name
+        folder = self.stage("ground_truth", {"ground_truth": truth, "corpus": self.corpus_dir.name}, write)
+        return str(folder / "classifier"), folder.name
 
-    sample_spec = dataclasses.replace(prompt_spec, n_train=0, n_test=SFT_SAMPLES)
+    def sft_dir(self) -> Path:
+        """Train pi_SFT (with samples for the first test prompts)."""
+        profile = self.profile
+        sample_spec = dataclasses.replace(profile.prompts, n_train=0, n_test=SFT_SAMPLES)
 
-    def write_sft(folder: Path) -> None:
-        """Train pi_SFT, with samples for the first test prompts."""
-        sample_prompts = corpus.sample_prefixes(texts["test"](), tokenizer(), SFT_SAMPLES, sample_spec.min_tokens,
-                                                sample_spec.max_tokens, sample_spec.seed)
-        sft.train_sft(policy, tokenizer_dir / "tokenizer", texts["train"](), texts["test"](), folder,
-                      sample_prompts=sample_prompts, mixed_precision=profile.mixed_precision, device=device,
-                      progress=progress)
+        def write(folder: Path) -> None:
+            sft.train_sft(profile.policy, self.tokenizer_dir, self.texts("train"), self.texts("test"), folder,
+                          sample_prompts=self.prefixes("test", sample_spec, SFT_SAMPLES),
+                          mixed_precision=profile.mixed_precision, device=self.device, progress=self.progress)
 
-    sft_dir = stage("sft", {"policy": policy, "mixed_precision": profile.mixed_precision,
-                            "sample_prompts": sample_spec, "corpus": corpus_dir.name,
-                            "tokenizer": tokenizer_dir.name}, write_sft)
+        return self.stage("sft", {"policy": profile.policy, "mixed_precision": profile.mixed_precision,
+                                  "sample_prompts": sample_spec, "corpus": self.corpus_dir.name,
+                                  "tokenizer": self.tokenizer_dir.parent.name}, write)
 
-    world = World(profile=profile, sft_dir=sft_dir / "policy", ground_truth=ground_truth,
-                  train_prompts=prompts["train"], test_prompts=prompts["test"])
-    stage("score_spread", {"sft": sft_dir.name, "ground_truth": truth_key, "prompts": prompts_dir.name,
-                           "sampling": profile.sampling, "prompts_used": SPREAD_PROMPTS,
-                           "samples_per_prompt": SPREAD_SAMPLES_PER_PROMPT, "seed": SPREAD_SEED},
-          lambda folder: _score_spread(world, folder, device))
-    return world, stages
+    def build(self) -> World:
+        """Every stage in order; the score-spread health check last."""
+        prompts = storage.read_json(self.prompts_dir / "prompts.json")
+        ground_truth, truth_key = self.ground_truth()
+        sft_dir = self.sft_dir()
+        world = World(profile=self.profile, sft_dir=sft_dir / "policy", ground_truth=ground_truth,
+                      train_prompts=prompts["train"], test_prompts=prompts["test"])
+        self.stage("score_spread", {"sft": sft_dir.name, "ground_truth": truth_key, "prompts": self.prompts_dir.name,
+                                    "sampling": self.profile.sampling, "prompts_used": SPREAD_PROMPTS,
+                                    "samples_per_prompt": SPREAD_SAMPLES_PER_PROMPT, "seed": SPREAD_SEED},
+                   lambda folder: _score_spread(world, folder, self.device))
+        return world
 
 
 def prepare(profile: Profile, device: torch.device | str | None = None, progress: bool = True) -> World:
@@ -172,10 +197,10 @@ def prepare(profile: Profile, device: torch.device | str | None = None, progress
     A second call with nothing changed only reads the cache (well under a second). Bad input (an
     unreachable hub or PyPI, a malformed local corpus) fails in the first stage, before any training.
     """
-    return _build(profile, device, progress)[0]
+    return WorldBuilder(profile, device, progress).build()
 
 
-def _summary(world: World, stages: dict, seconds: float) -> str:
+def summary(world: World, stages: dict, seconds: float) -> str:
     """A few lines per stage: folder, built or reused, and its headline numbers."""
     def metrics(name: str, file: str = "metrics.json") -> dict:
         """A stage's JSON file."""
@@ -202,13 +227,3 @@ def _summary(world: World, stages: dict, seconds: float) -> str:
     for name, (folder, took) in stages.items():
         lines.append(f"  {name.ljust(width)}  {took:6.1f} s  {folder.name}  {notes[name]}")
     return "\n".join(lines)
-
-
-def run_prepare(argv: list[str]) -> None:
-    """``dpo-lab prepare --profile P [--device D]``: build the world and print a summary."""
-    from dpo_lab.cli import parse
-
-    (common,) = parse("dpo-lab prepare", argv)
-    started = time.time()
-    world, stages = _build(get_profile(common.profile), common.device, progress=True)
-    print(_summary(world, stages, time.time() - started))

@@ -16,6 +16,7 @@ import torch
 from accelerate import Accelerator
 
 from dpo_lab import cli, runs, storage
+from dpo_lab.methods import get_method
 from dpo_lab.preferences import PreferenceDataError, build_preferences, load_preferences
 from dpo_lab.train import dpo
 from dpo_lab.train.dpo import Objective, train_offline
@@ -130,8 +131,8 @@ def test_interrupted_run_resumes_to_the_same_evaluations(low_beta, ci_world, pai
 
     monkeypatch.setattr(runs.Run, "log_metrics", log_metrics)
     evaluated = []
-    evaluate_policy = dpo.evaluate_policy
-    monkeypatch.setattr(dpo, "evaluate_policy", lambda *a, **k: evaluated.append(1) or evaluate_policy(*a, **k))
+    evaluate_policy = runs.evaluate_policy
+    monkeypatch.setattr(runs, "evaluate_policy", lambda *a, **k: evaluated.append(1) or evaluate_policy(*a, **k))
     resumed = train_offline(ci_world, pairs, "dpo", beta=0.05, progress=False)
     assert resumed.path == broken.path and resumed.finished
     assert len(evaluated) == len(expected_steps(ci_world, pairs)) - 2  # steps 0 and eval_every were kept
@@ -159,7 +160,7 @@ def with_row0(column, value):
 ])
 def test_malformed_preferences_fail_before_training(ci_world, pairs, tmp_path, monkeypatch, change, message):
     bad = broken_copy(pairs, tmp_path / "bad_pairs", change)
-    monkeypatch.setattr(dpo, "evaluate_policy", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr(runs, "evaluate_policy", lambda *a, **k: pytest.fail("training started"))
     with pytest.raises(PreferenceDataError, match=message):
         train_offline(ci_world, bad, "dpo", beta=0.1, progress=False)
 
@@ -204,7 +205,7 @@ def test_objectives_validate_their_hyperparameters():
     assert Objective("dpo", loss_type="ipo").name == "ipo"
     assert Objective("dpo").name == "dpo"
     assert Objective("preferred-ft", beta=-1).settings() == {}
-    for bad in ({"beta": 0.0}, {"loss_type": "squared"}, {"label_smoothing": 0.5}):
+    for bad in ({"beta": 0.0}, {"beta": float("inf")}, {"loss_type": "squared"}, {"label_smoothing": 0.5}):
         with pytest.raises(ValueError):
             Objective("dpo", **bad)
     with pytest.raises(ValueError, match="alpha"):
@@ -215,17 +216,17 @@ def test_objectives_validate_their_hyperparameters():
 
 def test_cli_options_override_the_profile(ci_world):
     spec = ci_world.profile.offline
-    _, args, _, overrides = cli.parse("t", ["--beta", "0.5", "--loss-type", "ipo", "--lr", "1e-4", "--batch-size",
-                                            "16", "--optimizer", "rmsprop"], dpo.DPOArgs, dpo.ReferenceArgs,
-                                      dpo.OfflineOverrides)
-    assert (args.beta, args.loss_type) == (0.5, "ipo")
-    changed = dpo.apply_overrides(spec, overrides)
+    types = cli.method_arg_types(get_method("dpo"))
+    _, args, options, overrides = cli.parse("t", ["--beta", "0.5", "--reference", "on-the-fly", "--lr", "1e-4",
+                                                  "--batch-size", "16", "--optimizer", "rmsprop"], *types)
+    assert (args.beta, options.reference) == (0.5, "on-the-fly")
+    changed = cli.apply_overrides(spec, overrides)
     assert (changed.lr, changed.batch_size, changed.optimizer) == (1e-4, 16, "rmsprop")
     assert changed.eval_every == spec.eval_every and changed.warmup_steps == spec.warmup_steps
     with pytest.raises(ValueError, match="multiple of grad_accum"):
-        dpo.check_spec(dataclasses.replace(spec, batch_size=30, grad_accum=4))
+        dataclasses.replace(spec, batch_size=30, grad_accum=4)
     with pytest.raises(ValueError, match="optimizer"):
-        dpo.check_spec(dataclasses.replace(spec, optimizer="sgd"))
+        dataclasses.replace(spec, optimizer="sgd")
 
 
 def test_batch_schedule_is_a_function_of_the_step():
@@ -241,5 +242,6 @@ def test_cli_reuses_the_finished_run_and_rejects_bad_options(ci_world, pairs, ca
     assert cli.main(["train", "unlikelihood", "--profile", "ci", "--alpha", "0.5"]) == 0
     assert run.run_id in capsys.readouterr().out
     assert cli.main(["train", "dpo", "--profile", "ci", "--beta", "0"]) == 2
+    assert cli.main(["train", "dpo", "--profile", "ci", "--beta", "inf"]) == 2
     assert cli.main(["train", "dpo", "--profile", "ci", "--batch-size", "30", "--grad-accum", "4"]) == 2
     assert "multiple of grad_accum" in capsys.readouterr().err

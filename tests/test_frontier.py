@@ -1,11 +1,16 @@
 """The frontier runner on the ci profile: a cut-down sweep end to end, killed mid-way and resumed."""
 
+import dataclasses
+
 import pandas as pd
 import pytest
 
-from dpo_lab import frontier
-from dpo_lab.frontier import COLUMNS, Pipeline, results_path, run_sweep, sweep_entries, write_report
+from dpo_lab import cli, frontier, methods
+from dpo_lab.frontier import COLUMNS, SweepEntry, results_path, run_sweep, sweep_entries, write_report
+from dpo_lab.methods import Method
+from dpo_lab.plots import plot_frontier
 from dpo_lab.profiles import get_profile
+from dpo_lab.train.dpo import train_offline
 
 
 @pytest.fixture()
@@ -18,7 +23,7 @@ def results_folder(tmp_path, monkeypatch):
 def test_sweep_entries_mirror_the_profile_and_reject_unknown_methods():
     profile = get_profile("ci")
     entries = sweep_entries(profile)
-    assert {e.method for e in entries} == set(frontier.METHODS)
+    assert {e.method for e in entries} == {"dpo", "ppo", "ppo-gt", "unlikelihood", "preferred-ft", "best-of-n"}
     assert [e.hyperparameter for e in entries if e.method == "ppo"] == list(profile.sweep.ppo_target_kls)
     with pytest.raises(ValueError, match="unknown method"):
         sweep_entries(profile, ["dpo", "rlhf"])
@@ -27,22 +32,22 @@ def test_sweep_entries_mirror_the_profile_and_reject_unknown_methods():
 def test_cut_down_sweep_runs_end_to_end_and_survives_a_kill(ci_world, results_folder, monkeypatch):
     profile = get_profile("ci")
     methods = ["dpo", "ppo-gt", "preferred-ft", "best-of-n"]
-    real_run = Pipeline.run
+    real_run = SweepEntry.run
     calls = []
 
-    def killed_after_two(self, entry):
+    def killed_after_two(entry, *args):
         if len(calls) == 2:
             raise KeyboardInterrupt("killed mid-sweep")
         calls.append(entry)
-        return real_run(self, entry)
+        return real_run(entry, *args)
 
-    monkeypatch.setattr(Pipeline, "run", killed_after_two)
+    monkeypatch.setattr(SweepEntry, "run", killed_after_two)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(profile, methods, progress=False)
     partial = pd.read_csv(results_path("ci"))
     assert set(partial["method"]) == {calls[0].method, calls[1].method}  # finished runs are on disk
 
-    monkeypatch.setattr(Pipeline, "run", real_run)
+    monkeypatch.setattr(SweepEntry, "run", real_run)
     table = run_sweep(profile, methods, progress=False)
     again = run_sweep(profile, methods, progress=False)
     pd.testing.assert_frame_equal(table, again)
@@ -55,11 +60,11 @@ def test_cut_down_sweep_runs_end_to_end_and_survives_a_kill(ci_world, results_fo
     # A rerun killed after its first entry leaves every finished run's rows in the table.
     calls.clear()
     calls.append(None)
-    monkeypatch.setattr(Pipeline, "run", killed_after_two)
+    monkeypatch.setattr(SweepEntry, "run", killed_after_two)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(profile, methods, progress=False)
     pd.testing.assert_frame_equal(pd.read_csv(results_path("ci")), table)
-    monkeypatch.setattr(Pipeline, "run", real_run)
+    monkeypatch.setattr(SweepEntry, "run", real_run)
 
     # Rows of a setting no longer in the sweep are dropped when the sweep completes.
     stale = table[table["method"] == "dpo"].assign(hyperparameter=99.0)
@@ -70,3 +75,27 @@ def test_cut_down_sweep_runs_end_to_end_and_survives_a_kill(ci_world, results_fo
     assert all(path.exists() for path in written)
     report = written[-1].read_text()
     assert "dominated by a DPO checkpoint" in report and "KL per token" in report and "SFT (step 0)" in report
+
+
+def train_short_preferred_ft(pipeline, request):
+    """A toy method: Preferred-FT stopped after ``request.value`` steps, evaluated every 2 steps."""
+    spec = dataclasses.replace(pipeline.profile.offline, max_steps=int(request.value), eval_every=2, seed=request.seed)
+    run = train_offline(pipeline.world, pipeline.pairs, "preferred-ft", overrides=spec, progress=False)
+    return run.evaluations().assign(method="short-sft", hyperparameter_name="steps", hyperparameter=request.value)
+
+
+def test_a_registered_method_joins_the_sweep_the_cli_and_the_plot(ci_world, results_folder, monkeypatch, capsys):
+    """Adding a method is one registry entry plus its training function (the README's example)."""
+    toy = Method("short-sft", "Preferred-FT for a few steps", "Short SFT", "tab:cyan", "P", "steps",
+                 lambda profile: (4.0,), train_short_preferred_ft, default=4.0, spec_section="offline")
+    monkeypatch.setitem(methods.REGISTRY, toy.name, toy)
+    profile = get_profile("ci")
+    assert "short-sft" in methods.swept_methods(profile)
+    table = run_sweep(profile, ["dpo", "short-sft"], progress=False)
+    toy_rows = table[table["method"] == "short-sft"]
+    assert toy_rows["step"].tolist() == [0, 2, 4] and (toy_rows["hyperparameter"] == 4.0).all()
+    sft_point = table[(table["method"] == "dpo") & (table["step"] == 0)]["reward"].item()
+    assert toy_rows["reward"].iloc[0] == sft_point  # every method starts from the same evaluated pi_SFT
+    legend = [text.get_text() for text in plot_frontier(table).axes[0].get_legend().get_texts()]
+    assert "Short SFT" in legend and "DPO" in legend
+    assert cli.main(["train", "--help"]) == 0 and "short-sft" in capsys.readouterr().out

@@ -4,9 +4,10 @@ import json
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 
-from dpo_lab import storage
-from dpo_lab.runtime import pick_device, seed_everything
+from dpo_lab import runtime, storage
+from dpo_lab.runtime import resolve_device, seed_everything
 
 
 def test_atomic_write_survives_an_exception_mid_write(tmp_path):
@@ -73,16 +74,60 @@ def test_seed_everything_repeats_random_streams():
     assert torch.equal(first, torch.rand(5))
 
 
-def test_pick_device_default_and_override(monkeypatch):
+@pytest.fixture()
+def devices(monkeypatch):
+    """Pretend to have ``cuda`` GPUs and (or not) Apple MPS; no device request in the environment."""
     monkeypatch.delenv("DPO_LAB_DEVICE", raising=False)
-    expected = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
-    assert pick_device().type == expected
-    assert pick_device("cpu").type == "cpu"
-    monkeypatch.setenv("DPO_LAB_DEVICE", "cpu")
-    assert pick_device().type == "cpu"
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="CUDA is not available"):
-            pick_device("cuda")
+
+    def have(cuda: int, mps: bool) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    return have
+
+
+def test_one_device_decision_for_every_request(devices, monkeypatch):
+    devices(cuda=2, mps=True)
+    assert [resolve_device(r) for r in (None, "cpu", "cuda", "cuda:1", "mps")] == [
+        torch.device("cuda"), torch.device("cpu"), torch.device("cuda"), torch.device("cuda", 1), torch.device("mps")]
+    monkeypatch.setenv("DPO_LAB_DEVICE", "cuda:1")
+    assert resolve_device() == torch.device("cuda", 1) and resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.delenv("DPO_LAB_DEVICE")
+    devices(cuda=1, mps=False)
+    with pytest.raises(ValueError, match="only 1 GPU"):
+        resolve_device("cuda:1")
+    devices(cuda=0, mps=True)
+    assert resolve_device() == torch.device("mps")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        resolve_device("cuda")
+    devices(cuda=0, mps=False)
+    assert resolve_device() == torch.device("cpu")
+    with pytest.raises(ValueError, match="MPS is not available"):
+        resolve_device("mps")
+    for bad in ("nonsense", "meta"):
+        with pytest.raises(ValueError, match=f"device '{bad}' is not"):
+            resolve_device(bad)
+
+
+@pytest.fixture()
+def fresh_process_state():
+    """accelerate's per-process device state, reset before and after (as in a new process)."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_the_trainers_accelerator_runs_on_the_requested_gpu(fresh_process_state, monkeypatch):
+    """``--device cuda:1`` reaches accelerate (it used to fall back to its default, GPU 0)."""
+    monkeypatch.setattr(runtime, "resolve_device", lambda preferred=None: torch.device(preferred))
+    assert runtime.device_state("cuda:1").device == torch.device("cuda", 1)
+    assert runtime.make_accelerator("cuda:1").device == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match="already runs on cuda:1"):
+        runtime.pick_device("cpu")
+
+
+def test_the_cpu_request_gives_a_cpu_accelerator(fresh_process_state):
+    assert runtime.make_accelerator("cpu").device == torch.device("cpu") == runtime.pick_device("cpu")
 
 
 def test_paths_resolve_to_the_project_from_a_subfolder(monkeypatch, tmp_path):

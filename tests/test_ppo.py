@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 import torch
 
-from dpo_lab import lm
+from dpo_lab import cli, lm
+from dpo_lab.profiles import PPOSpec
 from dpo_lab.sentiment import Scorer
 from dpo_lab.train.ppo import (
     KLController,
@@ -23,7 +24,6 @@ from dpo_lab.train.ppo import (
     ppo_run,
     rollout_batch,
     rollout_prompts,
-    run_ppo_gt,
     train_ppo,
 )
 from dpo_lab.world import World
@@ -142,9 +142,27 @@ def test_finished_run_is_not_retrained(gt_runs, capsys):
     run = gt_runs[target]
     assert run.finished and not (run.path / "checkpoint").exists()
     before = (run.path / "metrics.jsonl").read_text(), (run.path / "evaluations.csv").read_text()
-    run_ppo_gt(["--profile", "ci", "--target-kl", str(target)])
+    assert cli.main(["train", "ppo-gt", "--profile", "ci", "--target-kl", str(target)]) == 0
     assert run.run_id in capsys.readouterr().out
     assert ((run.path / "metrics.jsonl").read_text(), (run.path / "evaluations.csv").read_text()) == before
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "nan", "inf"])
+def test_a_bad_target_kl_is_rejected_before_loading(bad, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "get_profile", lambda name: pytest.fail("the profile was loaded"))
+    assert cli.main(["train", "ppo", "--target-kl", bad]) == 2
+    assert "target_kl must be a finite number > 0" in capsys.readouterr().err
+
+
+def test_every_ppo_setting_is_a_cli_option(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "ppo", "--help"])
+    help_text = capsys.readouterr().out
+    for spec_field in dataclasses.fields(PPOSpec):
+        assert f"--{spec_field.name}" in help_text
+    assert "Adam learning rate of policy and value head" in help_text  # the field's docstring
+    assert cli.main(["train", "ppo-gt", "--profile", "ci", "--iterations", "0"]) == 2
+    assert "PPOSpec.iterations must be an integer >= 1, got 0" in capsys.readouterr().err
 
 
 class PoisonedScorer(Scorer):
@@ -186,7 +204,7 @@ def test_nan_score_stops_the_run_and_it_resumes(ci_world, one_thread, monkeypatc
 
     resumed = train_ppo(ci_world, **options, overrides=spec, progress=False)
     assert resumed.path == run.path and resumed.finished
-    assert "resumed from the checkpoint of iteration 2" in (run.path / "log.txt").read_text()
+    assert "resumed from the checkpoint of step 2" in (run.path / "log.txt").read_text()
     assert resumed.evaluations()["step"].tolist() == [0, 2, 4, 6]
 
     # Resuming reproduces an uninterrupted run exactly (same weights, optimiser, beta and random numbers).

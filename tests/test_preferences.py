@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dpo_lab import preferences, storage
+from dpo_lab.plots import plot_score_gaps
 from dpo_lab.preferences import PreferenceDataError, load_preferences, pairs_from_scores, validate_preferences
 from dpo_lab.world import World
 
@@ -84,7 +85,8 @@ def test_dataset_layout_and_ranking(ci_world, ci_pairs):
     assert summary["completions"] == spec.n_prompts * k
     assert summary["pairs"] == len(ds) > 0
     assert len(ds) <= summary["pairs_possible"] == spec.n_prompts * k * (k - 1) // 2
-    assert (ci_pairs / preferences.GAP_FIGURE).stat().st_size > 0
+    figure = plot_score_gaps(preferences.score_gaps(ds))
+    assert sum(patch.get_height() for patch in figure.axes[0].patches) == len(ds)
     assert all(chosen > rejected for chosen, rejected in zip(ds["score_chosen"], ds["score_rejected"]))
     tokenizer = ci_world.load_policy("cpu")[1]
     for row in ds.select(range(0, len(ds), max(1, len(ds) // 25))):

@@ -28,14 +28,28 @@ def test_a_partial_last_metrics_line_is_dropped(tmp_path, monkeypatch):
     assert run.metrics()["step"].tolist() == [1, 2]
 
 
-def test_a_staged_checkpoint_is_found_and_finish_marks_done_before_cleanup(tmp_path, monkeypatch):
+def test_the_previous_checkpoint_is_found_after_a_kill_mid_swap(tmp_path, monkeypatch):
     monkeypatch.setenv("DPO_LAB_HOME", str(tmp_path))
     model, tokenizer = _tiny_model_and_tokenizer()
     run = Run("ci", "dpo", "beta0.1", {"beta": 0.1})
     run.save_checkpoint(5, model, tokenizer, {"rng": torch.get_rng_state()})
-    os.replace(run.path / CHECKPOINT_DIR, run.path / (CHECKPOINT_DIR + ".next"))  # killed before the rename
+    real_replace, calls = os.replace, []
+
+    def killed_after_moving_the_old_one_aside(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed between the two renames")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_after_moving_the_old_one_aside)
+    try:
+        run.save_checkpoint(6, model, tokenizer, {})
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.setattr(os, "replace", real_replace)
     folder, state = run.latest_checkpoint()
-    assert state["step"] == 5 and folder.name == CHECKPOINT_DIR + ".next"
+    assert state["step"] == 5 and folder.name == CHECKPOINT_DIR + ".old"
+    assert (run.path / (CHECKPOINT_DIR + ".partial") / "trainer_state.pt").exists()  # complete, never trusted
     run.save_checkpoint(6, model, tokenizer, {})
     assert run.latest_checkpoint()[1]["step"] == 6
     run.finish(model, tokenizer)

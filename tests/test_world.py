@@ -10,9 +10,10 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from dpo_lab import corpus, lm, sentiment
+from dpo_lab.cli import run_prepare
 from dpo_lab.profiles import PolicySpec, get_profile
 from dpo_lab.train import sft
-from dpo_lab.world import World, prepare, run_prepare
+from dpo_lab.world import World, prepare
 
 
 def test_world_holds_policy_prompts_and_scorer(ci_world):

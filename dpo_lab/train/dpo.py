@@ -37,15 +37,11 @@ and data parallelism under ``accelerate launch``):
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import inspect
 import math
-import textwrap
 import time
-import typing
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -55,14 +51,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from dpo_lab import lm, runtime, storage
-from dpo_lab.evaluate import evaluate_policy
 from dpo_lab.losses import LOSS_TYPES, dpo_loss, preferred_ft_loss, unlikelihood_loss
 from dpo_lab.preferences import load_preferences
-from dpo_lab.profiles import OfflineTrainSpec, get_profile
-from dpo_lab.runs import Run
+from dpo_lab.profiles import OfflineTrainSpec
+from dpo_lab.runs import Checkpointer, Run, start_or_resume, training_run
 
 METHODS = ("dpo", "unlikelihood", "preferred-ft")
-OPTIMIZERS = ("adamw", "rmsprop")
 REFERENCE_MODES = ("cached", "on-the-fly")
 REFERENCE_FILE = "reference_logps.safetensors"
 
@@ -88,12 +82,12 @@ class Objective:
         if self.method == "dpo":
             if self.loss_type not in LOSS_TYPES:
                 raise ValueError(f"unknown loss type {self.loss_type!r}; known: {', '.join(LOSS_TYPES)}")
-            if not self.beta > 0:
-                raise ValueError(f"beta must be > 0, got {self.beta}")
+            if not (math.isfinite(self.beta) and self.beta > 0):
+                raise ValueError(f"beta must be a finite number > 0, got {self.beta}")
             if not 0.0 <= self.label_smoothing < 0.5:
                 raise ValueError(f"label smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if self.method == "unlikelihood" and not self.alpha >= 0:
-            raise ValueError(f"alpha must be >= 0, got {self.alpha}")
+        if self.method == "unlikelihood" and not (math.isfinite(self.alpha) and self.alpha >= 0):
+            raise ValueError(f"alpha must be a finite number >= 0, got {self.alpha}")
 
     @property
     def name(self) -> str:
@@ -267,24 +261,11 @@ def make_optimizer(params, spec: OfflineTrainSpec) -> torch.optim.Optimizer:
     return torch.optim.RMSprop(params, lr=spec.lr)
 
 
-def check_spec(spec: OfflineTrainSpec, num_processes: int = 1) -> OfflineTrainSpec:
-    """Return ``spec`` or raise ``ValueError`` naming the first bad setting."""
-    problems = [
-        (spec.optimizer not in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {spec.optimizer!r}"),
-        (not spec.lr > 0, f"lr must be > 0, got {spec.lr}"),
-        (spec.warmup_steps < 0, f"warmup_steps must be >= 0, got {spec.warmup_steps}"),
-        (spec.grad_accum < 1, f"grad_accum must be >= 1, got {spec.grad_accum}"),
-        (spec.batch_size < 1 or spec.batch_size % (spec.grad_accum * num_processes),
-         f"batch_size ({spec.batch_size}) must be a positive multiple of grad_accum ({spec.grad_accum}) "
-         f"times the number of processes ({num_processes})"),
-        (not (spec.epochs > 0 or spec.max_steps > 0), "set epochs > 0 or max_steps > 0"),
-        (not spec.max_grad_norm > 0, f"max_grad_norm must be > 0, got {spec.max_grad_norm}"),
-        (spec.eval_every < 1, f"eval_every must be >= 1, got {spec.eval_every}"),
-    ]
-    for bad, message in problems:
-        if bad:
-            raise ValueError(message)
-    return spec
+def check_processes(spec: OfflineTrainSpec, num_processes: int) -> None:
+    """Raise ``ValueError`` unless a step's pairs split evenly over micro-batches and processes."""
+    if spec.batch_size % (spec.grad_accum * num_processes):
+        raise ValueError(f"OfflineTrainSpec.batch_size ({spec.batch_size}) must be a multiple of grad_accum "
+                         f"({spec.grad_accum}) times the number of processes ({num_processes})")
 
 
 class OfflineStep:
@@ -347,20 +328,35 @@ class OfflineStep:
                           "pairs_per_s": len(indices) / (time.perf_counter() - started)}
 
     def state_dict(self) -> dict:
-        """Optimiser, schedule and RNG state, for a checkpoint."""
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "rng": torch.get_rng_state()}
-        if self.accelerator.device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state(self.accelerator.device)
-        return state
+        """Optimiser and schedule state, for a checkpoint (the RNG state is the checkpointer's)."""
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` saved."""
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        if "cuda_rng" in state:
-            torch.cuda.set_rng_state(state["cuda_rng"], self.accelerator.device)
+
+
+def offline_run(world, pairs_path: str | Path, objective: Objective, spec: OfflineTrainSpec, reference: str) -> Run:
+    """The :class:`~dpo_lab.runs.Run` folder of one offline configuration."""
+    return training_run(world, objective.name, objective.hyperparameter(spec.seed), spec.seed, **objective.settings(),
+                        offline=spec, reference=reference, pairs=storage.cache_name(pairs_path),
+                        ground_truth=storage.cache_name(world.ground_truth),
+                        prompts=storage.fingerprint(world.test_prompts))
+
+
+def offline_step(world, pairs_path: str | Path, pairs: Pairs, objective: Objective, spec: OfflineTrainSpec,
+                 reference: str, accelerator: Accelerator, policy_dir: Path, progress: bool):
+    """``(step, tokenizer, reference model)``: the policy from ``policy_dir``, pi_ref and the :class:`OfflineStep`."""
+    policy, tokenizer = lm.load_causal_lm(policy_dir, accelerator.device)
+    ref_model, _ = world.load_policy(accelerator.device)
+    ref_model.requires_grad_(False)
+    ref_source = ref_model
+    if objective.uses_reference and reference == "cached":
+        ref_source = cached_reference_logps(world, Path(pairs_path), pairs, ref_model, accelerator, spec.batch_size,
+                                            progress)
+    step = OfflineStep.create(objective, pairs, spec, accelerator, policy, ref_source, tokenizer.pad_token_id)
+    return step, tokenizer, ref_model
 
 
 def train_offline(world, pairs_path: str | Path, method: str, *, beta: float = 0.1, loss_type: str = "sigmoid",
@@ -377,69 +373,44 @@ def train_offline(world, pairs_path: str | Path, method: str, *, beta: float = 0
     log pi_ref. The run's evaluations are ``run.evaluations()``, its step metrics ``run.metrics()``.
     Malformed preference data raises :class:`dpo_lab.preferences.PreferenceDataError` before training.
     """
-    profile = world.profile
     objective = Objective(method, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, alpha=alpha)
-    spec = overrides or profile.offline
-    spec = check_spec(spec if seed is None else dataclasses.replace(spec, seed=seed))
+    spec = overrides or world.profile.offline
+    spec = spec if seed is None else dataclasses.replace(spec, seed=seed)
     if reference not in REFERENCE_MODES:
         raise ValueError(f"reference must be one of {REFERENCE_MODES}, got {reference!r}")
-    hyperparameter_name, hyperparameter = objective.hyperparameter(spec.seed)
-    config = {"profile": profile.name, "method": objective.name, **objective.settings(), "seed": spec.seed,
-              "offline": spec, "reference": reference, "sampling": profile.sampling, "evaluation": profile.evaluation,
-              "mixed_precision": profile.mixed_precision, "policy": storage.cache_name(world.sft_dir),
-              "pairs": storage.cache_name(pairs_path), "ground_truth": storage.cache_name(world.ground_truth),
-              "prompts": storage.fingerprint(world.test_prompts)}
-    label = f"seed{spec.seed}" if hyperparameter_name == "seed" else f"{hyperparameter_name}{hyperparameter:g}-seed{spec.seed}"
-    run = Run(profile.name, objective.name, label, config)
+    run = offline_run(world, pairs_path, objective, spec, reference)
     if run.finished:
         return run
     pairs = load_pairs(pairs_path)
-
-    device = runtime.pick_device(device)
-    accelerator = Accelerator(mixed_precision=profile.mixed_precision, cpu=device.type == "cpu",
-                              gradient_accumulation_steps=spec.grad_accum)
-    check_spec(spec, accelerator.num_processes)
+    accelerator = runtime.make_accelerator(device, world.profile.mixed_precision, spec.grad_accum)
+    check_processes(spec, accelerator.num_processes)
     resume = run.latest_checkpoint()
-    policy, tokenizer = lm.load_causal_lm(resume[0] if resume else world.sft_dir, accelerator.device)
-    ref_model, _ = world.load_policy(accelerator.device)
-    ref_model.requires_grad_(False)
+    train_step, tokenizer, ref_model = offline_step(world, pairs_path, pairs, objective, spec, reference, accelerator,
+                                                    resume[0] if resume else world.sft_dir, progress)
     scorer = world.load_scorer(accelerator.device)
-    ref_source = ref_model
-    if objective.uses_reference and reference == "cached":
-        ref_source = cached_reference_logps(world, Path(pairs_path), pairs, ref_model, accelerator, spec.batch_size,
-                                            progress)
-    train_step = OfflineStep.create(objective, pairs, spec, accelerator, policy, ref_source, tokenizer.pad_token_id)
-    unwrapped = accelerator.unwrap_model(train_step.policy)
-    steps = total_steps(spec, len(pairs))
     if resume:
         train_step.load_state_dict(resume[1])
-        first, train_seconds = resume[1]["step"], resume[1]["wall_s"]
-    else:
-        runtime.seed_everything(spec.seed)
-        first, train_seconds = 0, 0.0
+    done, seconds = start_or_resume(run, resume, spec.seed, accelerator.device)
+    checkpoint = Checkpointer(run, world, ref_model, tokenizer, scorer, total_steps(spec, len(pairs)), accelerator)
+    offline_loop(train_step, checkpoint, done, seconds, progress)
+    return run
 
-    def checkpoint(step: int) -> None:
-        """Evaluate, record the row, then (unless it is the last step) save the checkpoint."""
-        if accelerator.is_main_process:
-            evaluation = evaluate_policy(unwrapped, ref_model, tokenizer, scorer, world.test_prompts,
-                                         max_new_tokens=profile.sampling.max_new_tokens,
-                                         seed=profile.evaluation.seed, batch_size=profile.evaluation.batch_size)
-            run.add_evaluation({"profile": profile.name, "run_id": run.run_id, "method": objective.name,
-                                "hyperparameter_name": hyperparameter_name, "hyperparameter": hyperparameter,
-                                "seed": spec.seed, "step": step, **evaluation.row(), "wall_s": train_seconds})
-            if step < steps:
-                run.save_checkpoint(step, unwrapped, tokenizer, {**train_step.state_dict(), "wall_s": train_seconds})
-        accelerator.wait_for_everyone()
 
-    if first == 0:
-        checkpoint(0)
-    schedule = batch_schedule(len(pairs), spec.batch_size, steps, spec.seed)
-    bar = tqdm(range(first + 1, steps + 1), initial=first, total=steps, disable=not progress,
-               desc=f"{objective.name} {hyperparameter_name}={hyperparameter:g}")
+def offline_loop(train_step: OfflineStep, checkpoint: Checkpointer, done: int, seconds: float, progress: bool) -> None:
+    """Steps ``done + 1`` to the last: train, log, and checkpoint (step 0 first for a fresh run); then finish."""
+    run, accelerator, spec = checkpoint.run, train_step.accelerator, train_step.spec
+    policy = accelerator.unwrap_model(train_step.policy)
+    steps = checkpoint.last_step
+    if done == 0:
+        checkpoint(0, policy, seconds, train_step.state_dict)
+    schedule = batch_schedule(len(train_step.pairs), spec.batch_size, steps, spec.seed)
+    name, value = run.columns["hyperparameter_name"], run.columns["hyperparameter"]
+    bar = tqdm(range(done + 1, steps + 1), initial=done, total=steps, disable=not progress,
+               desc=f"{run.method} {name}={value:g}")
     for step in bar:
         started = time.perf_counter()
         metrics = train_step(schedule[step - 1])
-        train_seconds += time.perf_counter() - started
+        seconds += time.perf_counter() - started
         if accelerator.is_main_process:
             run.log_metrics(step, metrics)
         postfix = {"loss": f"{metrics['loss']:.3f}"}
@@ -447,100 +418,8 @@ def train_offline(world, pairs_path: str | Path, method: str, *, beta: float = 0
             postfix["acc"] = f"{metrics['rewards/accuracy']:.2f}"
         bar.set_postfix(postfix, refresh=False)
         if step % spec.eval_every == 0 or step == steps:
-            checkpoint(step)
+            checkpoint(step, policy, seconds, train_step.state_dict)
     if accelerator.is_main_process:
-        run.finish(unwrapped, tokenizer)
+        run.finish(policy, checkpoint.tokenizer)
+        run.log(f"finished after {seconds:.0f} s of training")
     accelerator.wait_for_everyone()
-    return run
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line: ``dpo-lab train dpo | unlikelihood | preferred-ft``
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class DPOArgs:
-    """Options of ``dpo-lab train dpo``."""
-
-    beta: float = field(default=0.1, metadata={"help": "KL coefficient beta (the paper sweeps 0.05, 0.1, 1, 5)."})
-    loss_type: str = field(default="sigmoid", metadata={
-        "help": "sigmoid (DPO, Eq. 7), ipo, cdpo, hinge or robust.", "choices": LOSS_TYPES})
-    label_smoothing: float = field(default=0.0, metadata={
-        "help": "Assumed label-flip rate in [0, 0.5) of cdpo and robust."})
-
-
-@dataclass
-class UnlikelihoodArgs:
-    """Options of ``dpo-lab train unlikelihood``."""
-
-    alpha: float = field(default=1.0, metadata={
-        "help": "Weight of the unlikelihood term (the paper sweeps 0.05, 0.1, 0.5, 1)."})
-
-
-@dataclass
-class ReferenceArgs:
-    """How log pi_ref is obtained."""
-
-    reference: str = field(default="cached", metadata={
-        "help": "cached: computed once per preference dataset; on-the-fly: recomputed every batch.",
-        "choices": REFERENCE_MODES})
-
-
-def _attribute_docs(cls) -> dict[str, str]:
-    """The docstring under each field of a dataclass, read from its source."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
-    return {node.target.id: doc.value.value for node, doc in zip(body, body[1:])
-            if isinstance(node, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)}
-
-
-def _override_args(spec_type: type) -> type:
-    """A dataclass with every field of ``spec_type`` as an optional CLI option, default None (the profile's)."""
-    docs = _attribute_docs(spec_type)
-    fields = [(name, typ | None, field(default=None, metadata={"help": f"{docs.get(name, '')} Default: the profile's."}))
-              for name, typ in typing.get_type_hints(spec_type).items()]
-    return dataclasses.make_dataclass(f"{spec_type.__name__}Overrides", fields)
-
-
-OfflineOverrides = _override_args(OfflineTrainSpec)
-"""``--lr``, ``--batch-size``, ``--optimizer``, ... : overrides of the profile's ``OfflineTrainSpec``."""
-
-
-def apply_overrides(spec: OfflineTrainSpec, overrides) -> OfflineTrainSpec:
-    """``spec`` with the fields set (not None) in ``overrides`` replaced, validated."""
-    changed = {k: v for k, v in dataclasses.asdict(overrides).items() if v is not None}
-    return check_spec(dataclasses.replace(spec, **changed))
-
-
-def run_cli(prog: str, method: str, argv: list[str], *method_args: type) -> Run:
-    """Parse ``argv``, build what is missing upstream (world, preferences), train, print the evaluations."""
-    from dpo_lab.cli import parse
-    from dpo_lab.frontier import Pipeline
-
-    common, *parsed = parse(prog, argv, *method_args, ReferenceArgs, OfflineOverrides)
-    *hyper, reference, overrides = parsed
-    options = {k: v for args in hyper for k, v in dataclasses.asdict(args).items()}
-    Objective(method, **options)  # bad hyperparameters fail before any long work
-    profile = get_profile(common.profile)
-    spec = apply_overrides(profile.offline, overrides)
-    pipeline = Pipeline(profile, device=common.device)
-    run = train_offline(pipeline.world, pipeline.pairs, method, **options, overrides=spec,
-                        reference=reference.reference, device=common.device)
-    print(f"{run.run_id}: {run.path}")
-    print(run.evaluations()[["step", "reward", "reward_se", "kl", "kl_se", "length", "wall_s"]].to_string(index=False))
-    return run
-
-
-def run_dpo(argv: list[str]) -> None:
-    """``dpo-lab train dpo --beta B [--loss-type T]``: DPO (Eq. 7) or a variant."""
-    run_cli("dpo-lab train dpo", "dpo", argv, DPOArgs)
-
-
-def run_unlikelihood(argv: list[str]) -> None:
-    """``dpo-lab train unlikelihood --alpha A``: the Unlikelihood baseline."""
-    run_cli("dpo-lab train unlikelihood", "unlikelihood", argv, UnlikelihoodArgs)
-
-
-def run_preferred_ft(argv: list[str]) -> None:
-    """``dpo-lab train preferred-ft [--seed S]``: fine-tuning on the chosen completions."""
-    run_cli("dpo-lab train preferred-ft", "preferred-ft", argv)

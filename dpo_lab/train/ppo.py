@@ -59,6 +59,7 @@ checkpoint is kept.
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -71,7 +72,6 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from dpo_lab import lm, runtime, storage
-from dpo_lab.evaluate import evaluate_policy
 from dpo_lab.kl import sequence_kl, token_kl_and_logps
 from dpo_lab.losses import (
     gae_advantages,
@@ -81,18 +81,13 @@ from dpo_lab.losses import (
     ppo_policy_loss,
     ppo_value_loss,
 )
-from dpo_lab.profiles import PPOSpec, get_profile
-from dpo_lab.runs import Run
-from dpo_lab.sentiment import score_ids
+from dpo_lab.profiles import PPOSpec
+from dpo_lab.runs import Checkpointer, Run, start_or_resume, training_run
+from dpo_lab.sentiment import NonFiniteScoreError, check_finite_scores, score_ids
+from dpo_lab.train.reward import load_reward_model
 
 ScoreFn = Callable[[Sequence[Sequence[int]], Sequence[Sequence[int]]], Tensor]
 """``score(prompts, completions) -> (N,)`` sequence scores of token-id prompts and completions."""
-LOG_FILE = "log.txt"
-"""Human-readable events of a run (start, resume, errors), in its folder."""
-
-
-class NonFiniteScoreError(ValueError):
-    """The scorer or reward model returned NaN or an infinite value."""
 
 
 @dataclass
@@ -131,6 +126,13 @@ class KLController:
     """Target sequence KL (nats); ``None`` keeps beta fixed."""
     horizon: int = 10000
     """In samples: a persistent error e moves log beta by about e every ``horizon`` samples."""
+
+    def __post_init__(self):
+        if not (math.isfinite(self.value) and self.value >= 0):
+            raise ValueError(f"the KL coefficient must be a finite number >= 0, got {self.value}")
+        if self.target is not None and not (math.isfinite(self.target) and self.target > 0):
+            raise ValueError(f"target_kl must be a finite number > 0 (or omitted for a fixed coefficient), "
+                             f"got {self.target}")
 
     def update(self, kl: float, n_samples: int) -> None:
         """Adapt beta to the KL ``kl`` measured on a rollout of ``n_samples`` samples (no-op when fixed)."""
@@ -214,17 +216,6 @@ def rollout_prompts(prompts: Sequence[Sequence[int]], iteration: int, size: int,
     return [list(prompts[i]) for i in stream[offset:offset + size]]
 
 
-def check_finite(scores: Tensor, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
-                 tokenizer, source: str) -> None:
-    """Raise :class:`NonFiniteScoreError` naming the first prompt (decoded) whose score is NaN or infinite."""
-    bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
-    if bad:
-        i = bad[0]
-        raise NonFiniteScoreError(
-            f"{source} returned {scores[i].item()} for {len(bad)} of {len(scores)} samples; the first is "
-            f"prompt {tokenizer.decode(prompts[i])!r} with completion {tokenizer.decode(completions[i])!r}")
-
-
 @dataclass
 class Rollout:
     """One rollout batch: inputs (N, P + L), per-token tensors (N, L), per-sample scores (N,)."""
@@ -284,7 +275,8 @@ def collect_rollout(model: PolicyWithValue, reference: nn.Module, tokenizer, pro
                                             batch_size=generation_batch_size)
     time_generation = time.perf_counter() - timer
     scores = score(prompts, completions).float().cpu()
-    check_finite(scores, prompts, completions, tokenizer, score_source)
+    check_finite_scores(scores, lambda i: f"prompt {tokenizer.decode(prompts[i])!r} with completion "
+                                          f"{tokenizer.decode(completions[i])!r}", score_source)
     time_scoring = time.perf_counter() - timer - time_generation
 
     batch = rollout_batch(prompts, completions, tokenizer.pad_token_id)
@@ -385,14 +377,14 @@ class PPOSetup:
     """The training reward: ground truth (PPO-GT) or the learned reward model (PPO)."""
     score_source: str
     """Names the training reward in error messages."""
+    spec: PPOSpec
+    """The run's PPO settings."""
 
 
 def setup(world, spec: PPOSpec, *, use_ground_truth: bool, reward_model_path: Path | None,
           policy_dir: Path | None = None, device=None) -> PPOSetup:
     """Load policy (from ``policy_dir``, default pi_SFT), reference, scorers and a fresh Adam."""
-    device = runtime.pick_device(device)
-    profile = world.profile
-    accelerator = Accelerator(mixed_precision=profile.mixed_precision, cpu=device.type == "cpu")
+    accelerator = runtime.make_accelerator(device, world.profile.mixed_precision)
     policy, tokenizer = lm.load_causal_lm(policy_dir or world.sft_dir, accelerator.device)
     reference, _ = lm.load_causal_lm(world.sft_dir, accelerator.device)  # fp32, like every other method's
     reference.requires_grad_(False)
@@ -403,25 +395,19 @@ def setup(world, spec: PPOSpec, *, use_ground_truth: bool, reward_model_path: Pa
     if use_ground_truth:
         score, source = functools.partial(score_ids, ground_truth, tokenizer), f"the ground truth {world.ground_truth}"
     else:
-        from dpo_lab.train.reward import load_reward_model
-
         score, source = load_reward_model(reward_model_path, accelerator.device).score, \
             f"the reward model {reward_model_path}"
-    return PPOSetup(accelerator, model, reference, tokenizer, optimizer, ground_truth, score, source)
+    return PPOSetup(accelerator, model, reference, tokenizer, optimizer, ground_truth, score, source, spec)
 
 
 def ppo_run(world, *, target_kl: float | None, use_ground_truth: bool, reward_model_path: Path | None, seed: int,
             spec: PPOSpec) -> Run:
     """The :class:`~dpo_lab.runs.Run` folder of one PPO configuration (the same configuration, the same folder)."""
-    profile = world.profile
     method = "ppo-gt" if use_ground_truth else "ppo"
     name, value = ("kl_coef", spec.init_kl_coef) if target_kl is None else ("target_kl", target_kl)
-    config = {"profile": profile.name, "method": method, "hyperparameter_name": name, "hyperparameter": value,
-              "seed": seed, "ppo": spec, "sampling": profile.sampling, "evaluation": profile.evaluation,
-              "mixed_precision": profile.mixed_precision, "policy": storage.cache_name(world.sft_dir),
-              "reward": storage.cache_name(world.ground_truth if use_ground_truth else reward_model_path),
-              "prompts": storage.fingerprint([world.train_prompts, world.test_prompts])}
-    return Run(profile.name, method, f"{name}{value:g}-seed{seed}", config)
+    return training_run(world, method, (name, value), seed, hyperparameter_name=name, hyperparameter=value, ppo=spec,
+                        reward=storage.cache_name(world.ground_truth if use_ground_truth else reward_model_path),
+                        prompts=storage.fingerprint([world.train_prompts, world.test_prompts]))
 
 
 def train_ppo(world, *, target_kl: float | None, use_ground_truth: bool, reward_model_path: Path | None = None,
@@ -434,119 +420,62 @@ def train_ppo(world, *, target_kl: float | None, use_ground_truth: bool, reward_
     ``overrides`` replaces the profile's ``PPOSpec``. Raises :class:`NonFiniteScoreError` if a
     score is NaN or infinite (the last good checkpoint stays in the run folder).
     """
-    profile = world.profile
-    spec = overrides or profile.ppo
+    spec = overrides or world.profile.ppo
+    kl_control = KLController(spec.init_kl_coef, target_kl, spec.adaptive_kl_horizon)
     if not use_ground_truth and reward_model_path is None:
         raise ValueError("PPO with the learned reward needs reward_model_path (or use_ground_truth=True)")
-    if spec.rollout_size < 2:
-        raise ValueError(f"rollout_size must be at least 2 to normalise scores, got {spec.rollout_size}")
     run = ppo_run(world, target_kl=target_kl, use_ground_truth=use_ground_truth,
                   reward_model_path=reward_model_path, seed=seed, spec=spec)
     if run.finished:
         return run
-    method, name, value = (run.config[k] for k in ("method", "hyperparameter_name", "hyperparameter"))
-
     resume = run.latest_checkpoint()
     ppo = setup(world, spec, use_ground_truth=use_ground_truth, reward_model_path=reward_model_path,
                 policy_dir=resume[0] if resume else None, device=device)
-    unwrapped = ppo.accelerator.unwrap_model(ppo.model)
-    kl_control = KLController(spec.init_kl_coef, target_kl, spec.adaptive_kl_horizon)
     normalise = ScoreNormaliser()
     if resume:
-        state = resume[1]
-        unwrapped.value_head.load_state_dict(state["value_head"])
-        ppo.optimizer.load_state_dict(state["optimizer"])
-        kl_control.value = state["kl_coef"]
-        normalise.mean, normalise.std = state["score_mean"], state["score_std"]
-        torch.set_rng_state(state["rng"])
-        if "cuda_rng" in state:
-            torch.cuda.set_rng_state(state["cuda_rng"], ppo.accelerator.device)
-        first, wall_before = state["step"] + 1, state["wall_s"]
-        log(run, f"resumed from the checkpoint of iteration {state['step']}")
-    else:
-        runtime.seed_everything(seed)
-        first, wall_before = 0, 0.0
-        log(run, f"started: {spec}")
+        ppo.accelerator.unwrap_model(ppo.model).value_head.load_state_dict(resume[1]["value_head"])
+        ppo.optimizer.load_state_dict(resume[1]["optimizer"])
+        kl_control.value = resume[1]["kl_coef"]
+        normalise.mean, normalise.std = resume[1]["score_mean"], resume[1]["score_std"]
+    done, wall_before = start_or_resume(run, resume, seed, ppo.accelerator.device)
+    checkpoint = Checkpointer(run, world, ppo.reference, ppo.tokenizer, ppo.ground_truth, spec.iterations,
+                              ppo.accelerator)
+    ppo_loop(ppo, checkpoint, kl_control, normalise, range(done, spec.iterations + 1), wall_before, seed, progress)
+    return run
+
+
+def ppo_loop(ppo: PPOSetup, checkpoint: Checkpointer, kl_control: KLController, normalise: ScoreNormaliser,
+             iterations: range, wall_before: float, seed: int, progress: bool) -> None:
+    """Iterations ``iterations`` (from the last finished one): PPO, log, checkpoint (iteration 0 first); finish."""
+    run, world, spec = checkpoint.run, checkpoint.world, ppo.spec
+    model = ppo.accelerator.unwrap_model(ppo.model)
     started = time.time()
 
-    def checkpoint(iteration: int) -> None:
-        """Evaluate, record the row, then (unless it is the last iteration) save the checkpoint."""
-        wall_s = wall_before + time.time() - started
-        evaluation = evaluate_policy(unwrapped.policy, ppo.reference, ppo.tokenizer, ppo.ground_truth,
-                                     world.test_prompts, max_new_tokens=profile.sampling.max_new_tokens,
-                                     seed=profile.evaluation.seed, batch_size=profile.evaluation.batch_size)
-        run.add_evaluation({"profile": profile.name, "run_id": run.run_id, "method": method,
-                            "hyperparameter_name": name, "hyperparameter": value, "seed": seed, "step": iteration,
-                            **evaluation.row(), "wall_s": wall_s})
-        if iteration < spec.iterations:
-            state = {"value_head": unwrapped.value_head.state_dict(), "optimizer": ppo.optimizer.state_dict(),
-                     "kl_coef": kl_control.value, "score_mean": normalise.mean, "score_std": normalise.std,
-                     "rng": torch.get_rng_state(), "wall_s": wall_s}
-            if ppo.accelerator.device.type == "cuda":
-                state["cuda_rng"] = torch.cuda.get_rng_state(ppo.accelerator.device)
-            run.save_checkpoint(iteration, unwrapped.policy, ppo.tokenizer, state)
+    def save(iteration: int) -> None:
+        state = {"value_head": model.value_head.state_dict(), "optimizer": ppo.optimizer.state_dict(),
+                 "kl_coef": kl_control.value, "score_mean": normalise.mean, "score_std": normalise.std}
+        checkpoint(iteration, model.policy, wall_before + time.time() - started, lambda: state)
 
-    if first == 0:
-        checkpoint(0)
-        first = 1
-    bar = tqdm(range(first, spec.iterations + 1), desc=f"{method} {name}={value:g}", disable=not progress)
+    if iterations.start == 0:
+        save(0)
+    name, value = run.columns["hyperparameter_name"], run.columns["hyperparameter"]
+    bar = tqdm(range(iterations.start + 1, iterations.stop), initial=iterations.start, total=iterations.stop - 1,
+               desc=f"{run.method} {name}={value:g}", disable=not progress)
     for iteration in bar:
         prompts = rollout_prompts(world.train_prompts, iteration, spec.rollout_size, seed)
         try:
             metrics = ppo_iteration(ppo.model, ppo.reference, ppo.optimizer, ppo.tokenizer, prompts, ppo.score,
-                                    ppo.score_source, normalise, kl_control, spec, profile.sampling.max_new_tokens,
-                                    profile.sampling.batch_size, ppo.accelerator)
+                                    ppo.score_source, normalise, kl_control, spec, world.profile.sampling.max_new_tokens,
+                                    world.profile.sampling.batch_size, ppo.accelerator)
         except NonFiniteScoreError as err:
             message = (f"PPO stopped at iteration {iteration}: {err}. The last good checkpoint (iteration "
                        f"{run.latest_checkpoint()[1]['step']}) is kept in {run.path}")
-            log(run, message)
+            run.log(message)
             raise NonFiniteScoreError(message) from None
         run.log_metrics(iteration, metrics)
         bar.set_postfix(score=f"{metrics['score']:.3f}", kl=f"{metrics['kl']:.2f}",
                         kl_coef=f"{metrics['kl_coef']:.3g}", refresh=False)
         if iteration % spec.eval_every == 0 or iteration == spec.iterations:
-            checkpoint(iteration)
-    run.finish(unwrapped.policy, ppo.tokenizer)
-    log(run, f"finished after {wall_before + time.time() - started:.0f} s")
-    return run
-
-
-def log(run: Run, message: str) -> None:
-    """Append a time-stamped line to the run's ``log.txt``."""
-    with open(run.path / LOG_FILE, "a") as fh:
-        fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
-
-
-@dataclass
-class PPOArgs:
-    """Options of ``dpo-lab train ppo`` and ``dpo-lab train ppo-gt``."""
-
-    target_kl: float | None = field(default=None, metadata={
-        "help": "Target sequence KL of the adaptive controller (Ziegler et al. 2019); omit for the fixed "
-                "coefficient PPOSpec.init_kl_coef."})
-    seed: int = field(default=0, metadata={"help": "Seed of rollouts (prompt order, sampling) and minibatch order."})
-
-
-def run_cli(prog: str, argv: list[str], use_ground_truth: bool) -> Run:
-    """Parse ``argv``, build what is missing upstream (world, preferences, reward model), train, print the rows."""
-    from dpo_lab.cli import parse
-    from dpo_lab.frontier import Pipeline
-
-    common, args = parse(prog, argv, PPOArgs)
-    pipeline = Pipeline(get_profile(common.profile), device=common.device)
-    run = train_ppo(pipeline.world, target_kl=args.target_kl, use_ground_truth=use_ground_truth,
-                    reward_model_path=None if use_ground_truth else pipeline.reward_model, seed=args.seed,
-                    device=common.device)
-    print(f"{run.run_id}: {run.path}")
-    print(run.evaluations()[["step", "reward", "reward_se", "kl", "kl_se", "length", "wall_s"]].to_string(index=False))
-    return run
-
-
-def run_ppo(argv: list[str]) -> None:
-    """``dpo-lab train ppo --target-kl T``: PPO against the learned reward model."""
-    run_cli("dpo-lab train ppo", argv, use_ground_truth=False)
-
-
-def run_ppo_gt(argv: list[str]) -> None:
-    """``dpo-lab train ppo-gt --target-kl T``: PPO against the ground-truth classifier."""
-    run_cli("dpo-lab train ppo-gt", argv, use_ground_truth=True)
+            save(iteration)
+    run.finish(model.policy, ppo.tokenizer)
+    run.log(f"finished after {wall_before + time.time() - started:.0f} s")

@@ -51,7 +51,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from scipy.stats import spearmanr
 from torch import Tensor, nn
@@ -60,8 +59,8 @@ from transformers import AutoModel, PreTrainedModel
 
 from dpo_lab import lm, runtime, sentiment, storage
 from dpo_lab.losses import bradley_terry_loss
-from dpo_lab.preferences import build_preferences, load_preferences
-from dpo_lab.profiles import RewardSpec, get_profile
+from dpo_lab.preferences import load_preferences
+from dpo_lab.profiles import RewardSpec
 
 TRUNK_DIR = "trunk"
 HEAD_FILE = "head.safetensors"
@@ -210,25 +209,13 @@ def heldout_correlation(world, model: RewardModel, device: torch.device) -> dict
             "heldout_samples": len(completions), "heldout_reward_mean": rewards.mean().item()}
 
 
-def _train(world, pairs_path: Path, folder: Path, device: torch.device, progress: bool) -> None:
-    """Train r_phi on the pairs at ``pairs_path``, keep the best validation accuracy, centre, save, report."""
-    profile = world.profile
-    spec = profile.reward
-    started = time.time()
-    dataset = load_preferences(pairs_path)
-    rows = list(zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"]))
-    prompt_of_row = list(dataset["prompt_id"])
-    train_rows, val_rows = split_by_prompt(prompt_of_row, spec.val_fraction, spec.seed)
-    train_pairs, val_pairs = [rows[i] for i in train_rows], [rows[i] for i in val_rows]
+def _fit(model, optimizer, loader, accelerator, val_pairs: Sequence[tuple], spec: RewardSpec,
+         progress: bool) -> tuple[dict, list[dict], int]:
+    """Minimise Eq. 2 for ``spec.epochs``, validating ``evals_per_epoch`` times per epoch (and before training).
 
-    runtime.seed_everything(spec.seed)
-    accelerator = Accelerator(mixed_precision=profile.mixed_precision, cpu=device.type == "cpu")
-    model, tokenizer = init_reward_model(world, spec)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr)
-    loader = torch.utils.data.DataLoader(train_pairs, batch_size=spec.batch_size, shuffle=True,
-                                         collate_fn=functools.partial(pair_batch, pad_id=model.pad_id),
-                                         generator=torch.Generator().manual_seed(spec.seed))
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    Returns ``(best, history, steps)``: ``best`` holds the best validation accuracy, its step and
+    epoch and a CPU copy of its weights (``state``); ``history`` one record per validation.
+    """
     unwrapped = accelerator.unwrap_model(model)
     eval_points = {round(k * len(loader) / spec.evals_per_epoch) for k in range(1, spec.evals_per_epoch + 1)}
     history: list[dict] = []
@@ -266,8 +253,31 @@ def _train(world, pairs_path: Path, folder: Path, device: torch.device, progress
                 evaluate(step, epoch + i / len(loader))
                 bar.set_postfix(val_acc=f"{history[-1]['val_accuracy']:.3f}", best=f"{best['val_accuracy']:.3f}")
     bar.close()
+    return best, history, step
+
+
+def _train(world, pairs_path: Path, folder: Path, device, progress: bool) -> None:
+    """Train r_phi on the pairs at ``pairs_path``, keep the best validation accuracy, centre, save, report."""
+    spec = world.profile.reward
+    started = time.time()
+    dataset = load_preferences(pairs_path)
+    rows = list(zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"]))
+    prompt_of_row = list(dataset["prompt_id"])
+    train_rows, val_rows = split_by_prompt(prompt_of_row, spec.val_fraction, spec.seed)
+    train_pairs, val_pairs = [rows[i] for i in train_rows], [rows[i] for i in val_rows]
+
+    runtime.seed_everything(spec.seed)
+    accelerator = runtime.make_accelerator(device, world.profile.mixed_precision)
+    model, tokenizer = init_reward_model(world, spec)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr)
+    loader = torch.utils.data.DataLoader(train_pairs, batch_size=spec.batch_size, shuffle=True,
+                                         collate_fn=functools.partial(pair_batch, pad_id=model.pad_id),
+                                         generator=torch.Generator().manual_seed(spec.seed))
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    best, history, steps = _fit(model, optimizer, loader, accelerator, val_pairs, spec, progress)
     train_seconds = time.time() - started
 
+    unwrapped = accelerator.unwrap_model(model)
     unwrapped.load_state_dict(best.pop("state"))
     unwrapped.eval()
     probe = [train_pairs[i] for i in np.random.default_rng(spec.seed).permutation(len(train_pairs))[:len(val_pairs)]]
@@ -281,7 +291,7 @@ def _train(world, pairs_path: Path, folder: Path, device: torch.device, progress
         "train_pairs": len(train_pairs), "val_pairs": len(val_pairs),
         "train_prompts": len({prompt_of_row[i] for i in train_rows}),
         "val_prompts": len({prompt_of_row[i] for i in val_rows}),
-        "steps": step, "train_seconds": train_seconds, "seconds": time.time() - started, "history": history,
+        "steps": steps, "train_seconds": train_seconds, "seconds": time.time() - started, "history": history,
     })
 
 
@@ -301,30 +311,5 @@ def train_reward_model(world, pairs_path: str | os.PathLike, device: torch.devic
     :func:`dpo_lab.preferences.build_preferences` (validated before training). Load the result with
     :func:`load_reward_model`; ``metrics.json`` beside it holds the accuracies and the correlation.
     """
-    spec = world.profile.reward
-    if spec.epochs < 1 or spec.evals_per_epoch < 1:
-        raise ValueError(f"RewardSpec.epochs and evals_per_epoch must be at least 1, got {spec.epochs}, "
-                         f"{spec.evals_per_epoch}")
-    device = runtime.pick_device(device)
     return storage.cached_artifact(world.profile.name, "reward", reward_config(world, pairs_path),
                                    lambda folder: _train(world, Path(pairs_path), folder, device, progress))
-
-
-def run_reward(argv: list[str]) -> None:
-    """``dpo-lab reward --profile P [--device D]``: world and pairs first if missing, then r_phi; print metrics."""
-    from dpo_lab.cli import parse
-    from dpo_lab.world import prepare
-
-    (common,) = parse("dpo-lab reward", argv)
-    world = prepare(get_profile(common.profile), device=common.device)
-    pairs = build_preferences(world, device=common.device)
-    started = time.time()
-    path = train_reward_model(world, pairs, device=common.device)
-    m = storage.read_json(path / METRICS)
-    print(f"reward model: {path} ({time.time() - started:.1f} s now; built in {m['seconds']:.1f} s)\n"
-          f"  {m['train_pairs']} training pairs ({m['train_prompts']} prompts), {m['val_pairs']} validation pairs "
-          f"({m['val_prompts']} other prompts), {m['steps']} steps in {m['train_seconds']:.1f} s\n"
-          f"  validation accuracy {m['val_accuracy']:.3f} (best, epoch {m['best_epoch']:.2f}), "
-          f"training accuracy {m['train_accuracy']:.3f}\n"
-          f"  Spearman with the ground truth on {m['heldout_samples']} fresh SFT samples (test prompts): "
-          f"{m['heldout_spearman']:.3f}; reward offset {m['offset']:.3f}")

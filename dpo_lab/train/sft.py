@@ -28,7 +28,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, get_cosine_schedule_with_warmup
@@ -124,7 +123,7 @@ def train_sft(spec: PolicySpec, tokenizer_dir: str | os.PathLike, train_texts: S
 
     Beside it, ``metrics.json`` (validation perplexity on the test reviews, steps, time) and
     ``samples.json`` (one completion per ``sample_prompts`` entry, decoded). Returns the metrics.
-    ``device="cpu"`` keeps training on the CPU; otherwise Accelerate picks CUDA or MPS if present.
+    ``device``: as :func:`dpo_lab.runtime.resolve_device` (default: CUDA, then MPS, then the CPU).
     """
     if spec.sft_max_length > spec.n_positions and not spec.base:
         raise ValueError(f"sft_max_length {spec.sft_max_length} exceeds the context n_positions {spec.n_positions}")
@@ -140,8 +139,7 @@ def train_sft(spec: PolicySpec, tokenizer_dir: str | os.PathLike, train_texts: S
     train_ids = encode_reviews(tokenizer, train_texts, spec.sft_max_length)
     test_ids = encode_reviews(tokenizer, test_texts, spec.sft_max_length)
 
-    cpu = device is not None and torch.device(device).type == "cpu"
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    accelerator = runtime.make_accelerator(device, mixed_precision)
     steps = sft_steps(spec, len(train_ids))
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.sft_lr, weight_decay=0.01)
     scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, round(WARMUP_FRACTION * steps)), steps)

@@ -1,0 +1,193 @@
+"""The method registry: the one place that names each method of the frontier.
+
+A :class:`Method` says everything the rest of the package needs to know about a method:
+
+- its name (the ``method`` column of the results table and the ``dpo-lab train <name>`` command),
+  a one-line summary, and how it is plotted (legend label, colour, marker);
+- the hyperparameter it sweeps and that hyperparameter's values per profile (``sweep_values``,
+  read from the profile's ``SweepSpec``); a method with no values in a profile is not swept there;
+- the function that trains one run, ``train(pipeline, request) -> rows``: it receives the
+  :class:`~dpo_lab.pipeline.Pipeline` (world, pairs, reward model, each built on first access)
+  and a :class:`RunRequest`, and returns the run's evaluation rows (results-table columns);
+- which profile section ``dpo-lab train`` can override field by field (``spec_section``), and
+  extra command-line options (``options``, a dataclass).
+
+:mod:`dpo_lab.frontier` builds the sweep from the registry, :mod:`dpo_lab.cli` the ``train``
+subcommands and their options, :mod:`dpo_lab.plots` the legend. Adding a method is one
+:func:`register` call plus its training function (the README shows one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from dpo_lab.best_of_n import best_of_n
+from dpo_lab.pipeline import Pipeline
+from dpo_lab.profiles import Profile
+from dpo_lab.train.dpo import REFERENCE_MODES, Objective, train_offline
+from dpo_lab.train.ppo import KLController, train_ppo
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """One run of a method."""
+
+    value: float | None
+    """The swept hyperparameter's value (``None``: the method's default behaviour)."""
+    seed: int = 0
+    """Seed of the run (for methods that sweep the seed, equal to ``value``)."""
+    spec: Any = None
+    """The method's profile section with command-line overrides applied; ``None``: the profile's."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """The method's extra options (its ``options`` dataclass, as a dict)."""
+    device: str | None = None
+    progress: bool = True
+
+
+TrainFn = Callable[[Pipeline, RunRequest], pd.DataFrame]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registry entry: see the module docstring."""
+
+    name: str
+    """Method column of the results table; ``dpo-lab train <name>``."""
+    summary: str
+    """One line for ``--help``."""
+    label: str
+    """Legend label."""
+    colour: str
+    """Matplotlib colour."""
+    marker: str
+    """Matplotlib marker."""
+    hyperparameter: str
+    """Name of the swept hyperparameter (``seed`` when only the seed varies)."""
+    sweep_values: Callable[[Profile], Sequence[float]]
+    """The hyperparameter's values in a profile's sweep (empty: not swept)."""
+    train: TrainFn
+    """Trains (or finds finished) one run and returns its evaluation rows."""
+    default: float | None = None
+    """The hyperparameter's value when ``dpo-lab train`` is not given one."""
+    check: Callable[[float | None], Any] | None = None
+    """Raises ``ValueError`` for a bad hyperparameter value, before anything is loaded."""
+    spec_section: str | None = None
+    """The ``Profile`` section whose fields ``dpo-lab train <name>`` can override."""
+    options: type | None = None
+    """A dataclass of extra ``dpo-lab train`` options, passed to ``train`` as ``request.options``."""
+    curve: bool = False
+    """All values form one run, drawn in order of the hyperparameter (Best-of-N); no ``train`` command."""
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add ``method`` to the registry (replacing an entry of the same name) and return it."""
+    REGISTRY[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    """The registered method ``name``; ``ValueError`` listing the known ones otherwise."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(REGISTRY)}") from None
+
+
+def swept_methods(profile: Profile) -> list[str]:
+    """The registered methods with values in ``profile``'s sweep, in registry order."""
+    return [name for name, method in REGISTRY.items() if method.sweep_values(profile)]
+
+
+def is_curve(name: str) -> bool:
+    """Whether ``name`` is a registered method whose runs form one curve (Best-of-N)."""
+    return name in REGISTRY and REGISTRY[name].curve
+
+
+def style(name: str) -> tuple[str, str, str]:
+    """(label, colour, marker) of a method; a name not in the registry gets a neutral style."""
+    method = REGISTRY.get(name)
+    return (method.label, method.colour, method.marker) if method else (name, "black", "x")
+
+
+# ----------------------------------------------------------------------------------------------
+# The paper's methods (Figure 2, left), the DPO variants, and Best-of-N
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OfflineOptions:
+    """Options of the DPO family."""
+
+    label_smoothing: float = field(default=0.0, metadata={
+        "help": "Assumed label-flip rate in [0, 0.5) of cdpo and robust."})
+    reference: str = field(default="cached", metadata={
+        "help": "cached: log pi_ref computed once per preference dataset; on-the-fly: recomputed every batch.",
+        "choices": REFERENCE_MODES})
+
+
+def offline_trainer(method: str, loss_type: str = "sigmoid") -> TrainFn:
+    """The training function of an offline method: :func:`dpo_lab.train.dpo.train_offline` on the pairs."""
+    def train(pipeline: Pipeline, request: RunRequest) -> pd.DataFrame:
+        knob = {"dpo": {"beta": request.value, "loss_type": loss_type}, "unlikelihood": {"alpha": request.value},
+                "preferred-ft": {}}[method]
+        run = train_offline(pipeline.world, pipeline.pairs, method, **knob, **request.options, seed=request.seed,
+                            overrides=request.spec, device=request.device, progress=request.progress)
+        return run.evaluations()
+    return train
+
+
+def ppo_trainer(use_ground_truth: bool) -> TrainFn:
+    """The training function of PPO (learned reward) or PPO-GT (ground truth)."""
+    def train(pipeline: Pipeline, request: RunRequest) -> pd.DataFrame:
+        run = train_ppo(pipeline.world, target_kl=request.value, use_ground_truth=use_ground_truth,
+                        reward_model_path=None if use_ground_truth else pipeline.reward_model, seed=request.seed,
+                        overrides=request.spec, device=request.device, progress=request.progress)
+        return run.evaluations()
+    return train
+
+
+def train_best_of_n(pipeline: Pipeline, request: RunRequest) -> pd.DataFrame:
+    """Best-of-N from pi_SFT, selected by r_phi, for every N of the profile's sweep (one run)."""
+    return best_of_n(pipeline.world, pipeline.reward_model, ns=pipeline.profile.sweep.best_of_n,
+                     device=request.device, progress=request.progress)
+
+
+def no_values(profile: Profile) -> tuple[float, ...]:
+    """Not in any profile's sweep (run with ``dpo-lab train``)."""
+    return ()
+
+
+def check_beta(beta: float | None) -> None:
+    """Raise ``ValueError`` unless beta is a finite number > 0."""
+    Objective("dpo", beta=beta)
+
+
+register(Method("dpo", "Direct Preference Optimization (Eq. 7)", "DPO", "tab:red", "o", "beta",
+                lambda p: p.sweep.dpo_betas, offline_trainer("dpo"), default=0.1, check=check_beta,
+                spec_section="offline", options=OfflineOptions))
+register(Method("ppo", "PPO against the learned reward model (--target-kl)", "PPO", "tab:blue", "s", "target_kl",
+                lambda p: p.sweep.ppo_target_kls, ppo_trainer(False), check=lambda v: KLController(0.0, v),
+                spec_section="ppo"))
+register(Method("ppo-gt", "PPO against the ground-truth classifier (--target-kl)", "PPO-GT", "tab:green", "s",
+                "target_kl", lambda p: p.sweep.ppo_target_kls, ppo_trainer(True),
+                check=lambda v: KLController(0.0, v), spec_section="ppo"))
+register(Method("unlikelihood", "the Unlikelihood baseline (--alpha)", "Unlikelihood", "tab:orange", "^", "alpha",
+                lambda p: p.sweep.unlikelihood_alphas, offline_trainer("unlikelihood"), default=1.0,
+                check=lambda v: Objective("unlikelihood", alpha=v), spec_section="offline"))
+register(Method("preferred-ft", "supervised fine-tuning on the chosen completions", "Preferred-FT", "tab:brown", "v",
+                "seed", lambda p: p.sweep.preferred_ft_seeds, offline_trainer("preferred-ft"), spec_section="offline"))
+register(Method("best-of-n", "best-of-N sampling from pi_SFT, selected by r_phi", "Best of N", "tab:gray", "D", "n",
+                lambda p: (float(max(p.sweep.best_of_n)),), train_best_of_n, curve=True))
+for variant, label, colour in (("ipo", "IPO", "tab:pink"), ("cdpo", "cDPO", "tab:purple"),
+                               ("hinge", "SLiC (hinge)", "tab:olive"), ("robust", "rDPO", "tab:cyan")):
+    register(dataclasses.replace(REGISTRY["dpo"], name=variant, summary=f"the {label} variant of DPO (--beta)",
+                                 label=label, colour=colour, sweep_values=no_values,
+                                 train=offline_trainer("dpo", loss_type=variant)))
