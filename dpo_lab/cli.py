@@ -73,7 +73,7 @@ def method_arg_types(method) -> list[type]:
     own = []
     if method.hyperparameter not in spec_fields | {"seed"}:
         own.append((method.hyperparameter, float | None, field(default=method.default, metadata={
-            "help": f"The method's swept hyperparameter (default {method.default})."})))
+            "help": f"{method.name}'s swept hyperparameter, {method.hyperparameter}."})))
     if "seed" not in spec_fields:
         own.append(("seed", int, field(default=0, metadata={"help": "Seed of the run."})))
     types = [dataclasses.make_dataclass(f"{method.name}Args", own)]
