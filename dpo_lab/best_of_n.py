@@ -30,6 +30,7 @@ seconds spent sampling and scoring all M draws.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Sequence
@@ -43,7 +44,7 @@ from tqdm.auto import tqdm
 
 from dpo_lab import lm, runtime, storage
 from dpo_lab.evaluate import mean_and_se
-from dpo_lab.sentiment import score_ids
+from dpo_lab.sentiment import check_finite_scores, score_ids
 from dpo_lab.train.reward import load_reward_model
 
 SELECTORS = ("reward-model", "ground-truth")
@@ -108,6 +109,12 @@ def check_ns(ns: Sequence[int]) -> list[int]:
     return sorted({int(n) for n in ns})
 
 
+def describe_draw(tokenizer, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], draw: int,
+                  i: int) -> str:
+    """Which sample a non-finite score belongs to: the draw, the test prompt and the decoded text."""
+    return f"draw {draw} of test prompt {i} {tokenizer.decode(list(prompts[i]) + list(completions[i]))!r}"
+
+
 def draw_and_score(world, reward_model_path: Path | None, n_max: int, folder: Path, device: torch.device,
                    progress: bool) -> None:
     """Sample ``n_max`` draws per test prompt from pi_SFT, score them, save the (P, M) scores in ``folder``.
@@ -127,9 +134,12 @@ def draw_and_score(world, reward_model_path: Path | None, n_max: int, folder: Pa
                                             eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
                                             batch_size=profile.evaluation.batch_size, seed=profile.evaluation.seed + j)
         truth = score_ids(ground_truth, tokenizer, prompts, completions).float()
+        selector = truth if reward_model_path is None else reward_model.score(prompts, completions).float().cpu()
+        describe = functools.partial(describe_draw, tokenizer, prompts, completions, j)
+        for name, scores in (("the ground truth", truth), (f"the selector {reward_model_path}", selector)):
+            check_finite_scores(scores, describe, f"best-of-N: {name}")
         columns["ground_truth"].append(truth)
-        columns["selector"].append(truth if reward_model_path is None
-                                   else reward_model.score(prompts, completions).float().cpu())
+        columns["selector"].append(selector)
         columns["length"].append(torch.tensor([len(c) for c in completions], dtype=torch.float32))
     save_file({k: torch.stack(v, dim=1).contiguous() for k, v in columns.items()}, folder / SCORES_FILE)
     storage.write_json(folder / TIMING_FILE, {"seconds": time.time() - started})

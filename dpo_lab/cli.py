@@ -13,6 +13,8 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import logging
+import os
 import sys
 import textwrap
 import time
@@ -24,6 +26,8 @@ from transformers import HfArgumentParser
 
 from dpo_lab.profiles import Profile, get_profile, profile_table
 
+DEBUG_ENV_VAR = "DPO_LAB_DEBUG"
+
 
 @dataclass
 class CommonArgs:
@@ -33,6 +37,31 @@ class CommonArgs:
         "help": "Profile name (ci, tiny, gpt2, paper); default: $DPO_LAB_PROFILE or tiny."})
     device: str | None = field(default=None, metadata={
         "help": "Device (cpu, cuda, cuda:1, mps); default: $DPO_LAB_DEVICE, else CUDA, then MPS, then CPU."})
+    corpus: str | None = field(default=None, metadata={
+        "help": "IMDb-schema corpus: a hub dataset id, or a local folder of train.parquet and test.parquet "
+                "written as a path (./imdb, /data/imdb); default: $DPO_LAB_CORPUS, else the profile's."})
+    policy: str | None = field(default=None, metadata={
+        "help": "Causal LM to fine-tune into pi_SFT: a hub id (gpt2) or a save_pretrained folder (./my-gpt2); "
+                "default: $DPO_LAB_POLICY, else the profile's."})
+    reward_base: str | None = field(default=None, metadata={
+        "help": "Trunk of the reward model: a hub id or a local folder (same tokenizer as the policy); "
+                "default: $DPO_LAB_REWARD_BASE, else the profile's (the SFT policy when empty)."})
+    ground_truth: str | None = field(default=None, metadata={
+        "help": "Ground-truth sentiment classifier: a hub id or a local save_pretrained folder; "
+                "default: $DPO_LAB_GROUND_TRUTH, else the profile's."})
+
+
+def profile_of(common: CommonArgs) -> Profile:
+    """The chosen profile with the chosen sources, once the device is known to exist and the cache, results
+    and figures folders to be writable (so a bad setting fails before any work)."""
+    from dpo_lab import runtime, storage
+    from dpo_lab.profiles import with_sources
+
+    runtime.resolve_device(common.device)
+    profile = with_sources(get_profile(common.profile), corpus=common.corpus, policy=common.policy,
+                           reward_base=common.reward_base, ground_truth=common.ground_truth)
+    storage.check_writable(profile.name)
+    return profile
 
 
 def parse(prog: str, argv: list[str], *dataclass_types):
@@ -100,7 +129,7 @@ def run_train(argv: list[str]) -> None:
     if method.check and method.hyperparameter in own:
         method.check(own[method.hyperparameter])  # a bad value fails before anything is built
     options = dataclasses.asdict(parsed[1]) if method.options else {}
-    profile = get_profile(common.profile)
+    profile = profile_of(common)
     spec = apply_overrides(getattr(profile, method.spec_section), parsed[-1]) if method.spec_section else None
     seed = own.get("seed", getattr(spec, "seed", 0))
     value = seed if method.hyperparameter == "seed" else own.get(method.hyperparameter)
@@ -124,7 +153,7 @@ def run_prepare(argv: list[str]) -> None:
 
     (common,) = parse("dpo-lab prepare", argv)
     started = time.time()
-    builder = WorldBuilder(get_profile(common.profile), common.device, progress=True)
+    builder = WorldBuilder(profile_of(common), common.device, progress=True)
     world = builder.build()
     print(summary(world, builder.stages, time.time() - started))
 
@@ -138,7 +167,7 @@ def build_artifact(command: str, argv: list[str], artifact: str, report: str):
     from dpo_lab.pipeline import Pipeline
 
     (common,) = parse(f"dpo-lab {command}", argv)
-    pipeline = Pipeline(get_profile(common.profile), device=common.device)
+    pipeline = Pipeline(profile_of(common), device=common.device)
     started = time.time()
     folder = getattr(pipeline, artifact)
     return pipeline, folder, storage.read_json(folder / report), time.time() - started
@@ -195,7 +224,7 @@ def run_best_of_n(argv: list[str]) -> None:
     from dpo_lab.pipeline import Pipeline
 
     common, args = parse("dpo-lab best-of-n", argv, BestOfNArgs)
-    profile = get_profile(common.profile)
+    profile = profile_of(common)
     ns = check_ns(args.n or profile.sweep.best_of_n)
     pipeline = Pipeline(profile, device=common.device)
     reward_model = pipeline.reward_model if args.scorer == "reward-model" else None
@@ -217,7 +246,7 @@ def run_frontier(argv: list[str]) -> None:
     from dpo_lab.frontier import run_sweep, sweep_entries, write_report
 
     common, args = parse("dpo-lab frontier", argv, FrontierArgs)
-    profile = get_profile(common.profile)
+    profile = profile_of(common)
     methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
     sweep_entries(profile, methods)  # validate before any long work
     table = run_sweep(profile, methods, device=common.device)
@@ -268,13 +297,34 @@ def usage() -> str:
     """Top-level help text listing the subcommands."""
     title = ("usage: dpo-lab <command> [--profile NAME] [options]\n\n"
              "From Bradley-Terry to DPO on the IMDb controlled-sentiment task (Rafailov et al. 2023).\n"
-             "Run `dpo-lab <command> --help` for a command's options.")
+             "Run `dpo-lab <command> --help` for a command's options. Errors print one line; add --debug\n"
+             f"(or set {DEBUG_ENV_VAR}=1) for the full traceback.")
     return listing(title, "commands", COMMANDS)
 
 
+def report_to_stderr(prog: str) -> None:
+    """Print the package's warnings (a corrupt cache folder rebuilt, a lost table re-made) as one line each."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{prog}: warning: %(message)s"))
+    logger = logging.getLogger("dpo_lab")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False
+
+
+def error_line(prog: str, err: BaseException) -> str:
+    """``<prog>: error: <what, where, what to do>``: the one line a failure prints without ``--debug``."""
+    expected = isinstance(err, (ValueError, OSError)) and str(err)  # bad input: the message says it all
+    what = str(err) if expected else f"{type(err).__name__}: {err}"
+    hint = f" (rerun with --debug or {DEBUG_ENV_VAR}=1 for the traceback)"
+    return f"{prog}: error: {' '.join(what.split())}{hint}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``dpo-lab`` console script."""
+    """Entry point of the ``dpo-lab`` console script: one clean error line per failure, unless ``--debug``."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV_VAR, "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
@@ -282,11 +332,17 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"dpo-lab: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    report_to_stderr(f"dpo-lab {name}")
     try:
         COMMANDS[name][1](rest)
-    except ValueError as err:
-        print(f"dpo-lab {name}: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"dpo-lab {name}: interrupted; finished work is kept, and a rerun resumes", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 -- the one place every failure becomes one line
+        if debug:
+            raise
+        print(error_line(f"dpo-lab {name}", err), file=sys.stderr)
+        return 2 if isinstance(err, ValueError) else 1
     return 0
 
 

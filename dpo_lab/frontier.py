@@ -95,8 +95,12 @@ def results_path(profile_name: str) -> Path:
 
 
 def write_results(table: pd.DataFrame, path: Path) -> None:
-    """Write the tidy table atomically, sorted so that reruns give identical files."""
-    table = table.reindex(columns=COLUMNS + [c for c in table.columns if c not in COLUMNS])
+    """Write the tidy table atomically, sorted and at 6 significant digits, so that reruns give identical files.
+
+    ``infer_objects`` matters: a table concatenated with an empty one has object-typed columns, which
+    ``to_csv`` would write at full precision, ignoring ``float_format``.
+    """
+    table = table.reindex(columns=COLUMNS + [c for c in table.columns if c not in COLUMNS]).infer_objects()
     table = table.sort_values(["method", "hyperparameter", "seed", "step"]).reset_index(drop=True)
     with storage.atomic_path(path) as tmp:
         table.to_csv(tmp, index=False, float_format="%.6g")
@@ -106,6 +110,7 @@ def run_sweep(profile: Profile, methods: Sequence[str] | None = None, device: st
               progress: bool = True) -> pd.DataFrame:
     """Run the sweep (skipping finished runs), rewriting the results table after every run."""
     entries = sweep_entries(profile, methods)
+    storage.check_writable(profile.name)
     methods = list(dict.fromkeys(entry.method for entry in entries))
     pipeline = Pipeline(profile, device=device, progress=progress)
     path = results_path(profile.name)

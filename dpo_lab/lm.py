@@ -24,13 +24,17 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 
 from dpo_lab import storage
+from dpo_lab.guards import NonFiniteError, check_finite
 
 IGNORE_INDEX = -100
+PROBE_PROMPTS = 4
+"""Prompts :func:`check_finite_logits` runs before sampling."""
 
 
 def load_tokenizer(name_or_path: str | os.PathLike):
     """A tokenizer from the hub or a local folder, with a pad token (EOS if it has none)."""
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    with storage.source(name_or_path) as name:
+        tokenizer = AutoTokenizer.from_pretrained(name)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -42,10 +46,11 @@ def load_causal_lm(name_or_path: str | os.PathLike, device: torch.device | str =
     """Load ``(model, tokenizer)`` from a hub id or a ``save_pretrained`` folder, in eval mode.
 
     The same function serves the hub profiles (``gpt2``, ``gpt2-large``) and the local tiny
-    policy. Weights are read from safetensors only; remote code is never trusted.
+    policy (hub ids and local paths as :func:`dpo_lab.storage.source` tells them apart). Weights are read from safetensors only; remote code is never trusted.
     """
     tokenizer = load_tokenizer(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype, use_safetensors=True)
+    with storage.source(name_or_path) as name:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model.to(device).eval(), tokenizer
@@ -58,9 +63,11 @@ def write_causal_lm(model: PreTrainedModel, tokenizer, folder: str | os.PathLike
 
 
 def save_causal_lm(model: PreTrainedModel, tokenizer, path: str | os.PathLike) -> Path:
-    """Save model (safetensors) and tokenizer to ``path``, atomically: a half-written folder never appears."""
+    """Save model (safetensors) and tokenizer to ``path``, atomically (a half-written folder never appears),
+    with ordinary file permissions and a checksum manifest (:func:`dpo_lab.storage.seal`)."""
     with storage.atomic_dir(path) as staging:
         write_causal_lm(model, tokenizer, staging)
+        storage.seal(staging)
     return Path(path)
 
 
@@ -177,6 +184,19 @@ def sampling_config(max_new_tokens: int, eos_id: int, pad_id: int) -> Generation
 
 
 @torch.no_grad()
+@torch.no_grad()
+def check_finite_logits(model: PreTrainedModel, prompts: Sequence[Sequence[int]]) -> None:
+    """Raise :class:`dpo_lab.guards.NonFiniteError` if ``model``'s logits on any of ``prompts`` hold NaN or inf.
+
+    One forward pass per prompt (no padding, no randomness): a cheap probe run before sampling,
+    since huge but finite weights after a bad optimiser step overflow only in the logits.
+    """
+    device = next(model.parameters()).device
+    for prompt in prompts:
+        logits = model(input_ids=torch.tensor([list(prompt)], device=device)).logits
+        check_finite(policy_logits=logits.float().abs().max())
+
+
 def sample_completions(model: PreTrainedModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                        eos_id: int, pad_id: int, batch_size: int = 256, seed: int | None = None,
                        progress: bool = False, desc: str = "sampling") -> list[list[int]]:
@@ -185,7 +205,9 @@ def sample_completions(model: PreTrainedModel, prompts: Sequence[Sequence[int]],
     Prompts are left-padded and generated in batches of ``batch_size`` with the KV cache. With a
     ``seed``, the random stream is forked and seeded, so the same prompts get the same random
     numbers at every call (the evaluation protocol) and the caller's RNG state is untouched.
-    Each completion ends at its first EOS (included) or after ``max_new_tokens`` tokens.
+    Each completion ends at its first EOS (included) or after ``max_new_tokens`` tokens. A model
+    whose weights a bad step blew up raises :class:`dpo_lab.guards.NonFiniteError` (see
+    :func:`check_finite_logits`), not an error from deep inside ``generate``.
     """
     if not prompts:
         return []
@@ -194,6 +216,7 @@ def sample_completions(model: PreTrainedModel, prompts: Sequence[Sequence[int]],
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    check_finite_logits(model, prompts[:PROBE_PROMPTS])
     config = sampling_config(max_new_tokens, eos_id, pad_id)
     devices = [device] if device.type == "cuda" else []
     completions: list[list[int]] = []
@@ -205,7 +228,12 @@ def sample_completions(model: PreTrainedModel, prompts: Sequence[Sequence[int]],
             chunk = prompts[start:start + batch_size]
             input_ids = pad(chunk, pad_id, side="left").to(device)
             attention_mask = pad([[1] * len(p) for p in chunk], 0, side="left").to(device)
-            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+            try:
+                out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+            except RuntimeError as err:  # torch.multinomial on NaN probabilities, past the probe's first tokens
+                if "probability tensor" not in str(err):
+                    raise
+                raise NonFiniteError(f"non-finite next-token probabilities while sampling ({err})") from err
             new_tokens = out[:, input_ids.shape[1]:].tolist()
             completions.extend(truncate_after_eos(t, eos_id, pad_id) for t in new_tokens)
     model.train(was_training)

@@ -170,15 +170,20 @@ def check_beta(beta: float | None) -> None:
     Objective("dpo", beta=beta)
 
 
+def check_target_kl(target_kl: float) -> None:
+    """Raise ``ValueError`` unless the PPO target KL is a finite number > 0 (before any loading)."""
+    KLController(0.0, target_kl)
+
+
 register(Method("dpo", "Direct Preference Optimization (Eq. 7)", "DPO", "tab:red", "o", "beta",
                 lambda p: p.sweep.dpo_betas, offline_trainer("dpo"), default=0.1, check=check_beta,
                 spec_section="offline", options=OfflineOptions))
 register(Method("ppo", "PPO against the learned reward model (--target-kl)", "PPO", "tab:blue", "s", "target_kl",
-                lambda p: p.sweep.ppo_target_kls, ppo_trainer(False), check=lambda v: KLController(0.0, v),
+                lambda p: p.sweep.ppo_target_kls, ppo_trainer(False), check=check_target_kl,
                 spec_section="ppo"))
 register(Method("ppo-gt", "PPO against the ground-truth classifier (--target-kl)", "PPO-GT", "tab:green", "s",
                 "target_kl", lambda p: p.sweep.ppo_target_kls, ppo_trainer(True),
-                check=lambda v: KLController(0.0, v), spec_section="ppo"))
+                check=check_target_kl, spec_section="ppo"))
 register(Method("unlikelihood", "the Unlikelihood baseline (--alpha)", "Unlikelihood", "tab:orange", "^", "alpha",
                 lambda p: p.sweep.unlikelihood_alphas, offline_trainer("unlikelihood"), default=1.0,
                 check=lambda v: Objective("unlikelihood", alpha=v), spec_section="offline"))

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from dpo_lab import storage
+
 DEFAULT_PROFILE = "tiny"
 PROFILE_ENV_VAR = "DPO_LAB_PROFILE"
 
@@ -451,6 +453,42 @@ def get_profile(name: str | None = None) -> Profile:
     except KeyError:
         known = ", ".join(PROFILES)
         raise ValueError(f"unknown profile {chosen!r}; known profiles: {known}") from None
+
+
+SOURCE_ENV_VARS = {"corpus": "DPO_LAB_CORPUS", "policy": "DPO_LAB_POLICY", "reward_base": "DPO_LAB_REWARD_BASE",
+                   "ground_truth": "DPO_LAB_GROUND_TRUTH"}
+"""The environment variable that names each source when the command line does not."""
+
+
+def with_sources(profile: Profile, corpus: str | None = None, policy: str | None = None,
+                 reward_base: str | None = None, ground_truth: str | None = None) -> Profile:
+    """``profile`` with its data and model sources replaced: each a hub id, or a local path written as a path.
+
+    ``corpus``: an IMDb-schema dataset (hub id, or a folder of ``train.parquet``/``test.parquet``);
+    ``policy``: the causal LM fine-tuned into pi_SFT; ``reward_base``: the trunk of r_phi;
+    ``ground_truth``: a sequence classifier. A source left ``None`` falls back to its variable in
+    :data:`SOURCE_ENV_VARS`, then to the profile. Local paths are made absolute; a missing one
+    raises ``ValueError`` before any work. See :func:`dpo_lab.storage.is_local` for the rule.
+    """
+    given = {"corpus": corpus, "policy": policy, "reward_base": reward_base, "ground_truth": ground_truth}
+    chosen = {}
+    for name, value in given.items():
+        value = value or os.environ.get(SOURCE_ENV_VARS[name]) or None
+        if value and storage.is_local(value):
+            if not storage.local_path(value).exists():
+                raise ValueError(f"{name.replace('_', '-')} {value!r}: no such file or folder")
+            value = str(storage.local_path(value))
+        chosen[name] = value
+    changes = {}
+    if chosen["corpus"]:
+        changes["corpus"] = dataclasses.replace(profile.corpus, name="imdb", source=chosen["corpus"])
+    if chosen["policy"]:
+        changes["policy"] = dataclasses.replace(profile.policy, base=chosen["policy"])
+    if chosen["reward_base"]:
+        changes["reward"] = dataclasses.replace(profile.reward, base=chosen["reward_base"])
+    if chosen["ground_truth"]:
+        changes["ground_truth"] = dataclasses.replace(profile.ground_truth, model=chosen["ground_truth"])
+    return profile.replace(**changes) if changes else profile
 
 
 def profile_table() -> str:

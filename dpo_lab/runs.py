@@ -8,9 +8,17 @@ hashes the run's full configuration, so the same configuration always finds the 
 - ``evaluations.csv``: one row per evaluated checkpoint (rewritten atomically, one row per step);
 - ``log.txt``: human-readable events (start, resume, errors, finish);
 - ``checkpoint/``: the latest checkpoint (model via ``save_pretrained``, ``trainer_state.pt`` with
-  step, optimiser and RNG state, loaded with ``torch.load(weights_only=True)``), replaced
-  atomically (:func:`dpo_lab.storage.atomic_dir`);
-- ``final/``: the final model, then the ``DONE`` marker: a finished run is never trained again.
+  step, optimiser and RNG state, loaded with ``torch.load(weights_only=True)``, and a
+  ``MANIFEST.json`` of checksums), replaced atomically (:func:`dpo_lab.storage.atomic_dir`), the
+  one before it kept as ``checkpoint.previous/``;
+- ``final/``: the final model, then the ``DONE`` marker (listing the evaluated steps): a finished
+  run is never trained again, unless its ``evaluations.csv`` was lost, in which case it is
+  reported and trained again, so the results table never silently loses its rows;
+- ``FAILED``: written when a non-finite loss, gradient or score stopped the run
+  (:mod:`dpo_lab.guards`); a rerun of the same configuration stops at once with its message.
+
+A checkpoint that fails its checksums, or whose step has no row in ``evaluations.csv``, is
+reported and skipped in favour of the one before it (or a fresh start).
 
 The scaffolding lives here so that resume correctness lives in one place: :func:`training_run`
 (the configuration and the row columns), :func:`start_or_resume` (seed a fresh run, or restore
@@ -22,6 +30,7 @@ the rows it may have lost.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -36,12 +45,16 @@ from accelerate import Accelerator
 
 from dpo_lab import runtime, storage
 from dpo_lab.evaluate import evaluate_policy
+from dpo_lab.guards import NonFiniteError
 from dpo_lab.lm import save_causal_lm, write_causal_lm
 
 CHECKPOINT_DIR = "checkpoint"
 FINAL_DIR = "final"
 TRAINER_STATE = "trainer_state.pt"
 LOG_FILE = "log.txt"
+FAILED = "FAILED"
+CHECKPOINTS = (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old", CHECKPOINT_DIR + ".previous")
+"""Checkpoint folders, newest first (``.old`` exists only if a kill interrupted the swap)."""
 
 
 class Run:
@@ -67,8 +80,57 @@ class Run:
 
     @property
     def finished(self) -> bool:
-        """Whether the run completed (its final model and ``DONE`` marker exist)."""
-        return storage.is_done(self.path)
+        """Whether the run completed: its ``DONE`` marker exists and its evaluation rows are all there.
+
+        A finished run whose ``evaluations.csv`` is missing, unreadable or short of a step it
+        evaluated is reported, unmarked, and so trained again (deterministically, the same rows).
+        """
+        if not storage.is_done(self.path):
+            return False
+        problem = self.evaluations_problem()
+        if problem is None:
+            return True
+        storage.log.warning("%s: %s; training the run again so that no result is lost", self.path, problem)
+        (self.path / storage.DONE_MARKER).unlink()
+        shutil.rmtree(self.path / FINAL_DIR, ignore_errors=True)
+        return False
+
+    def evaluations_problem(self) -> str | None:
+        """What is wrong with a finished run's ``evaluations.csv`` (missing, unreadable, short of steps), or None."""
+        if not (self.path / "evaluations.csv").exists():
+            return "evaluations.csv is missing"
+        try:
+            steps = set(self.evaluations()["step"])
+        except (OSError, ValueError, KeyError) as err:
+            return f"evaluations.csv is unreadable ({type(err).__name__}: {err})"
+        try:
+            expected = set(json.loads((self.path / storage.DONE_MARKER).read_text())["steps"])
+        except (ValueError, KeyError, TypeError):
+            expected = {0}  # a marker written before the steps were recorded
+        missing = sorted(expected - steps)
+        return f"evaluations.csv has no row for step(s) {missing}" if missing else None
+
+    def raise_if_failed(self) -> None:
+        """Raise :class:`NonFiniteError` if an earlier attempt of this configuration stopped on a non-finite value."""
+        failed = self.path / FAILED
+        if failed.exists():
+            raise NonFiniteError(f"{failed.read_text().strip()} (recorded in {failed}; delete it to retry anyway)")
+
+    @contextlib.contextmanager
+    def stopped_on_non_finite(self, where: str, causes: str):
+        """Turn a :class:`NonFiniteError` raised at ``where`` (``"step 12"``) into one that names the run, the
+        kept checkpoint and ``causes``, recorded in ``FAILED`` so that a rerun says the same at once."""
+        try:
+            yield
+        except NonFiniteError as err:
+            last = self.latest_checkpoint()
+            kept = f"its last good checkpoint (step {last[1]['step']}) is kept" if last else "it has no checkpoint yet"
+            message = (f"run {self.run_id} stopped at {where}: {err}; training stopped there and "
+                       f"{kept} in {self.path}. Likely causes: {causes}. Rerunning this configuration would repeat "
+                       "it: change one of those settings (a changed setting trains in a new folder)")
+            storage.write_text_atomic(self.path / FAILED, message + "\n")
+            self.log(message)
+            raise type(err)(message) from None
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         """Append one step's training metrics to ``metrics.jsonl``."""
@@ -99,33 +161,48 @@ class Run:
             table.to_csv(tmp, index=False)
 
     def evaluations(self) -> pd.DataFrame:
-        """The evaluation rows recorded so far."""
+        """The evaluation rows recorded so far (empty if none); an unreadable file raises."""
         path = self.path / "evaluations.csv"
-        return pd.read_csv(path) if path.exists() else pd.DataFrame()
+        return pd.read_csv(path) if path.exists() else pd.DataFrame(columns=["step"])
 
     def save_checkpoint(self, step: int, model, tokenizer, state: dict[str, Any]) -> None:
-        """Save model and trainer state (tensors and plain values only) as the latest checkpoint, atomically."""
-        with storage.atomic_dir(self.path / CHECKPOINT_DIR) as staging:
+        """Save model and trainer state (tensors and plain values only) with their checksums as the latest
+        checkpoint, atomically; the checkpoint it replaces becomes ``checkpoint.previous``."""
+        with storage.atomic_dir(self.path / CHECKPOINT_DIR, keep_previous=True) as staging:
             write_causal_lm(model, tokenizer, staging)
             torch.save({"step": step, **state}, staging / TRAINER_STATE)
+            storage.seal(staging)
 
     def latest_checkpoint(self) -> tuple[Path, dict[str, Any]] | None:
-        """``(model folder, trainer state)`` of the latest checkpoint, or ``None``.
+        """``(model folder, trainer state)`` of the newest sound checkpoint (:data:`CHECKPOINTS`), or ``None``.
 
-        A kill in the middle of :func:`dpo_lab.storage.atomic_dir`'s swap leaves the previous
-        complete checkpoint as ``checkpoint.old``: it counts too.
+        Sound: its files match their checksums and ``evaluations.csv`` has the row of its step
+        (the row is written before the checkpoint). Any other checkpoint is reported and skipped.
         """
-        for name in (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old"):
+        try:
+            evaluated = set(self.evaluations()["step"])
+        except (OSError, ValueError, KeyError):
+            evaluated = set()
+        for name in CHECKPOINTS:
             folder = self.path / name
-            if (folder / TRAINER_STATE).exists():
-                return folder, torch.load(folder / TRAINER_STATE, weights_only=True)
+            if not folder.exists():
+                continue
+            problem = storage.manifest_problem(folder)
+            if problem is None:
+                state = torch.load(folder / TRAINER_STATE, weights_only=True)
+                if state["step"] in evaluated:
+                    return folder, state
+                problem = f"evaluations.csv has no row for its step {state['step']}"
+            storage.log.warning("%s: %s; not resuming from it", folder, problem)
         return None
 
     def finish(self, model, tokenizer) -> Path:
-        """Save the final model, mark the run finished, then drop the checkpoint."""
+        """Save the final model, mark the run finished (with its evaluated steps), then drop the checkpoints."""
         final = save_causal_lm(model, tokenizer, self.path / FINAL_DIR)
-        storage.write_text_atomic(self.path / storage.DONE_MARKER, "finished\n")
-        shutil.rmtree(self.path / CHECKPOINT_DIR, ignore_errors=True)
+        steps = sorted(int(s) for s in self.evaluations()["step"])
+        storage.write_text_atomic(self.path / storage.DONE_MARKER, json.dumps({"steps": steps}) + "\n")
+        for name in CHECKPOINTS:
+            shutil.rmtree(self.path / name, ignore_errors=True)
         return final
 
 

@@ -33,6 +33,7 @@ from sklearn.linear_model import LogisticRegression
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from dpo_lab import storage
+from dpo_lab.guards import NonFiniteError
 from dpo_lab.profiles import GroundTruthSpec
 
 NGRAM_CONFIG = "ngram.json"
@@ -46,7 +47,7 @@ VECTORIZER_SETTINGS = {
 """The two TF-IDF feature blocks of :class:`NgramScorer`, concatenated in this order."""
 
 
-class NonFiniteScoreError(ValueError):
+class NonFiniteScoreError(NonFiniteError):
     """A scorer or reward model returned NaN or an infinite value."""
 
 
@@ -89,7 +90,8 @@ def positive_label_index(id2label: dict, positive_label: str = "positive") -> in
 
 def hub_positive_index(name_or_path: str | os.PathLike, positive_label: str = "positive") -> int:
     """The positive class of a hub classifier from its config alone (no weights): a check before long work."""
-    return positive_label_index(AutoConfig.from_pretrained(str(name_or_path)).id2label, positive_label)
+    with storage.source(name_or_path) as name:
+        return positive_label_index(AutoConfig.from_pretrained(name).id2label, positive_label)
 
 
 class HubScorer(Scorer):
@@ -100,9 +102,10 @@ class HubScorer(Scorer):
         """Load tokenizer and classifier (safetensors, no remote code) and find the positive class by name."""
         self.spec = spec or GroundTruthSpec()
         self.device = torch.device(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            str(name_or_path), dtype=torch.float32, use_safetensors=True).to(self.device).eval()
+        with storage.source(name_or_path) as name:
+            self.tokenizer = AutoTokenizer.from_pretrained(name)
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                name, dtype=torch.float32, use_safetensors=True).to(self.device).eval()
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if self.model.config.pad_token_id is None:

@@ -6,6 +6,13 @@ fingerprint hashes the configuration that produced it. A changed setting gives a
 rebuild); an unchanged one finds the finished folder (a reuse). A folder counts as finished only
 once its ``DONE`` marker exists, and it is built under a temporary name and renamed at the end, so
 an interrupted build never looks finished.
+
+Integrity: a finished folder also holds ``MANIFEST.json``, the size and sha256 of every file in
+it. A reused folder is checked against it first (once per process while its files are unchanged);
+a folder that fails the check, or has no manifest, is reported with its path and rebuilt, never
+reused. Sources named in cache keys (:func:`cache_name`) are either hub ids, kept as given, or
+local paths, made absolute and keyed by their content hash, so the two never share a key and an
+edited local folder rebuilds what was made from it.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -26,6 +34,16 @@ HOME_ENV_VAR = "DPO_LAB_HOME"
 FIGURES_ENV_VAR = "DPO_LAB_FIGURES"
 RESULTS_ENV_VAR = "DPO_LAB_RESULTS"
 DONE_MARKER = "DONE"
+MANIFEST = "MANIFEST.json"
+LOCAL_PREFIXES = ("/", "./", "../", "~")
+"""A source written like this is a local path; anything else (``gpt2``, ``stanfordnlp/imdb``) is a hub id."""
+log = logging.getLogger("dpo_lab")
+"""Where the package reports what it recovered from (a corrupt cache folder, a lost table); the CLI prints it."""
+_verified: dict[Path, tuple] = {}
+
+
+class CacheError(OSError):
+    """A cache, results or figures folder that cannot be written, or a cache file that cannot be read."""
 
 
 def project_root() -> Path:
@@ -48,23 +66,37 @@ def home() -> Path:
 
 def figures_dir() -> Path:
     """Where figures go: ``$DPO_LAB_FIGURES`` or ``figures/`` in the project folder (created on demand)."""
-    path = Path(os.environ.get(FIGURES_ENV_VAR) or project_root() / "figures")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return ensure_writable(Path(os.environ.get(FIGURES_ENV_VAR) or project_root() / "figures"), "figures", FIGURES_ENV_VAR)
 
 
 def results_dir(profile_name: str) -> Path:
     """Where a profile's results tables live: ``$DPO_LAB_RESULTS/<profile>`` or ``data/results/<profile>/``."""
-    path = Path(os.environ.get(RESULTS_ENV_VAR) or project_root() / "data" / "results") / profile_name
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    root = Path(os.environ.get(RESULTS_ENV_VAR) or project_root() / "data" / "results")
+    return ensure_writable(root / profile_name, "results", RESULTS_ENV_VAR)
+
+
+def ensure_writable(folder: Path, what: str, env_var: str) -> Path:
+    """Create ``folder`` if needed and check that a file can be written in it, else raise :class:`CacheError`."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise CacheError(f"cannot write the {what} folder {folder} ({err.strerror or err}); make it writable, "
+                         f"or point ${env_var} at a writable folder") from err
+    return folder
+
+
+def check_writable(profile_name: str) -> None:
+    """Check, before any training, that the cache, results and figures folders can be written."""
+    profile_dir(profile_name)
+    results_dir(profile_name)
+    figures_dir()
 
 
 def profile_dir(profile_name: str) -> Path:
     """The cache folder of one profile (created on demand)."""
-    path = home() / profile_name
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return ensure_writable(home() / profile_name, "cache", HOME_ENV_VAR)
 
 
 @contextlib.contextmanager
@@ -78,9 +110,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o666 & ~umask)  # mkstemp makes the file private; the result should be an ordinary file
+    tmp.chmod(ordinary_mode())  # mkstemp makes the file private; the result should be an ordinary file
     try:
         yield tmp
         os.replace(tmp, path)
@@ -113,8 +143,11 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    """Read a JSON file."""
-    return json.loads(Path(path).read_text())
+    """Read a JSON file; a damaged one raises ``ValueError`` naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); delete it (or its folder) to rebuild it") from err
 
 
 def fingerprint(config: Any) -> str:
@@ -123,15 +156,126 @@ def fingerprint(config: Any) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:10]
 
 
-def cache_name(name_or_path: str | os.PathLike) -> str:
-    """An artifact's identity in a cache key: its path inside the cache home, else the path or hub id as given.
+def is_local(source: str | os.PathLike) -> bool:
+    """Whether a source is a local path (a ``Path``, or a string starting ``/``, ``./``, ``../`` or ``~``)."""
+    return isinstance(source, os.PathLike) or str(source).startswith(LOCAL_PREFIXES) or str(source) in (".", "..")
 
-    Keys built this way survive moving the cache (``$DPO_LAB_HOME``) or the clone.
+
+def local_path(source: str | os.PathLike) -> Path:
+    """A local source as an absolute path (``~`` expanded)."""
+    return Path(source).expanduser().resolve()
+
+
+@contextlib.contextmanager
+def source(name_or_path: str | os.PathLike) -> Iterator[str]:
+    """Yield what to hand a ``from_pretrained``-style loader for a source, honouring :func:`is_local`.
+
+    A local path is yielded absolute (``~`` expanded). A hub id is yielded as is; if a folder of
+    the same name exists in the working directory (which ``transformers`` and ``datasets`` would
+    load instead), the block runs in an empty temporary working directory, so the hub id means the
+    hub. Pass ``./gpt2`` to mean the folder.
     """
-    path = Path(name_or_path)
-    if path.exists() and path.resolve().is_relative_to(home().resolve()):
-        return str(path.resolve().relative_to(home().resolve()))
-    return str(name_or_path)
+    if is_local(name_or_path):
+        yield str(local_path(name_or_path))
+    elif name_or_path and Path(name_or_path).exists():
+        with tempfile.TemporaryDirectory(prefix="dpo-lab-hub-") as empty, contextlib.chdir(empty):
+            yield str(name_or_path)
+    else:
+        yield str(name_or_path)
+
+
+def cache_name(name_or_path: str | os.PathLike) -> str:
+    """A source's identity in a cache key.
+
+    - a path inside the cache home: that path relative to the home (keys survive moving the cache);
+    - any other local path: ``local:<absolute path>@<content hash>``, so editing it rebuilds;
+    - a hub id: as given, even when a folder of the same name exists in the working directory.
+    """
+    if not is_local(name_or_path):
+        return str(name_or_path)
+    path = local_path(name_or_path)
+    if path.is_relative_to(home()):
+        return str(path.relative_to(home()))
+    return f"local:{path}@{content_hash(path)}"
+
+
+def keyed(spec: Any, *source_fields: str) -> dict[str, Any]:
+    """A spec as a cache-key dict, its ``source_fields`` (hub ids or local paths) replaced by :func:`cache_name`."""
+    key = to_jsonable(spec)
+    return key | {name: cache_name(key[name]) for name in source_fields if key[name]}
+
+
+def _files(folder: Path) -> list[Path]:
+    """Every file below ``folder`` (a file: itself), in a stable order, without the manifest and marker."""
+    if folder.is_file():
+        return [folder]
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (MANIFEST, DONE_MARKER))
+
+
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def manifest_of(folder: Path) -> dict[str, dict[str, Any]]:
+    """``{relative path: {"bytes": size, "sha256": hex}}`` of every file below ``folder``."""
+    return {str(p.relative_to(folder)) if p != folder else p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+            for p in _files(folder)}
+
+
+def content_hash(path: Path) -> str:
+    """A short hash of a local file's or folder's content (names, sizes and bytes); raises if it does not exist."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    return fingerprint(manifest_of(path))
+
+
+def ordinary_mode() -> int:
+    """The mode of an ordinary new file under the current umask (0o644 under the usual 0o022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def seal(folder: Path) -> None:
+    """Give every file in ``folder`` ordinary permissions, then record its size and sha256 in ``MANIFEST.json``.
+
+    The permissions matter for a shared cache: safetensors writes its files as 0600, readable by
+    their owner only.
+    """
+    mode = ordinary_mode()
+    for path in _files(folder):
+        path.chmod(mode)
+    write_json(folder / MANIFEST, manifest_of(folder))
+
+
+def manifest_problem(folder: Path) -> str | None:
+    """Why ``folder`` does not match its ``MANIFEST.json`` (a missing, extra, resized or changed file), or None.
+
+    The result is remembered while the files' sizes and modification times stay the same, so
+    reusing a folder many times in one process hashes it once.
+    """
+    signature = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in _files(folder))
+    if _verified.get(folder) == signature:
+        return None
+    try:
+        recorded = read_json(folder / MANIFEST)
+    except (OSError, ValueError):
+        return f"no readable {MANIFEST} (written by an older dpo-lab, or damaged)"
+    actual = {str(p.relative_to(folder)) for p in _files(folder)}
+    for name in sorted(set(recorded) | actual):
+        if name not in actual:
+            return f"{name} is missing"
+        if name not in recorded:
+            return f"{name} is not in its {MANIFEST}"
+        if (folder / name).stat().st_size != recorded[name]["bytes"] or file_sha256(folder / name) != recorded[name]["sha256"]:
+            return f"{name} does not match the checksum recorded when it was written"
+    _verified[folder] = signature
+    return None
 
 
 def is_done(path: Path) -> bool:
@@ -140,13 +284,14 @@ def is_done(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, keep_previous: bool = False) -> Iterator[Path]:
     """Yield an empty staging folder ``<path>.partial``; if the block succeeds it replaces ``path``.
 
     The swap moves an existing ``path`` aside to ``<path>.old``, renames the staging folder into
-    place, then deletes the old one, so a kill at any moment leaves a complete ``path`` or a
-    complete ``<path>.old``, never a half-written folder under the final name. If the block raises,
-    the staging folder is removed and ``path`` is left as it was.
+    place, then deletes the old one (or, with ``keep_previous``, renames it ``<path>.previous``),
+    so a kill at any moment leaves a complete ``path`` or a complete ``<path>.old``, never a
+    half-written folder under the final name. If the block raises, the staging folder is removed
+    and ``path`` is left as it was.
     """
     path = Path(path)
     staging, old = path.with_name(path.name + ".partial"), path.with_name(path.name + ".old")
@@ -161,6 +306,10 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
     os.replace(staging, path)
+    if keep_previous and old.exists():
+        previous = path.with_name(path.name + ".previous")
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(old, previous)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -168,13 +317,18 @@ def cached_artifact(profile_name: str, stage: str, config: Any, build: Callable[
     """Return the finished folder for ``(stage, config)``, building it first if needed.
 
     ``build(folder)`` writes the artifact into an empty staging folder; ``config.json`` is written
-    beside it, then the ``DONE`` marker, then the folder is renamed into place (:func:`atomic_dir`).
+    beside it, then ``MANIFEST.json`` and the ``DONE`` marker, then the folder is renamed into place
+    (:func:`atomic_dir`). A finished folder that fails its manifest check is reported and rebuilt.
     """
     final = profile_dir(profile_name) / f"{stage}-{fingerprint(config)}"
     if is_done(final):
-        return final
+        problem = manifest_problem(final)
+        if problem is None:
+            return final
+        log.warning("%s: %s; rebuilding it", final, problem)
     with atomic_dir(final) as partial:
         write_json(partial / "config.json", config)
         build(partial)
+        seal(partial)
         write_text_atomic(partial / DONE_MARKER, time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
     return final

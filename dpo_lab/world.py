@@ -107,7 +107,7 @@ class WorldBuilder:
     @functools.cached_property
     def corpus_dir(self) -> Path:
         """Fetch, validate, clean and subsample the corpus."""
-        return self.stage("corpus", {"corpus": self.profile.corpus},
+        return self.stage("corpus", {"corpus": storage.keyed(self.profile.corpus, "source")},
                           lambda folder: corpus.save_corpus(corpus.load_corpus(self.profile.corpus), folder))
 
     @functools.cached_property
@@ -123,7 +123,7 @@ class WorldBuilder:
     def tokenizer_dir(self) -> Path:
         """The policy's tokenizer folder: trained on the corpus (from scratch) or the base model's."""
         policy = self.profile.policy
-        config = {"base": policy.base, "vocab_size": policy.vocab_size, "n_positions": policy.n_positions,
+        config = {"base": storage.cache_name(policy.base) if policy.base else "", "vocab_size": policy.vocab_size, "n_positions": policy.n_positions,
                   "corpus": self.corpus_dir.name}
         return self.stage("tokenizer", config,
                           lambda folder: sft.build_tokenizer(policy, self.texts("train"), folder / "tokenizer")) \
@@ -135,8 +135,21 @@ class WorldBuilder:
         return lm.load_tokenizer(self.tokenizer_dir)
 
     def prefixes(self, split: str, spec, n: int) -> list[list[int]]:
-        """``n`` prompts of ``spec``'s lengths, cut from the reviews of ``split``."""
-        return corpus.sample_prefixes(self.texts(split), self.tokenizer, n, spec.min_tokens, spec.max_tokens, spec.seed)
+        """``n`` prompts of ``spec``'s lengths, cut from the reviews of ``split``.
+
+        Fewer usable reviews than ``n`` is reported (one line: how many prompts there will be),
+        none at all raises :class:`dpo_lab.corpus.CorpusError`; both before any training.
+        """
+        prompts = corpus.sample_prefixes(self.texts(split), self.tokenizer, n, spec.min_tokens, spec.max_tokens,
+                                         spec.seed)
+        where = f"the {split} split of {self.corpus_dir}"
+        if not prompts:
+            raise corpus.CorpusError(f"{where}: no review is long enough for a {spec.min_tokens}-{spec.max_tokens} "
+                                     f"token prompt plus {corpus.MIN_CONTINUATION_TOKENS} tokens")
+        if len(prompts) < n:
+            storage.log.warning("%s gives %d %s prompts, fewer than the %d the profile asks for; using %d",
+                                where, len(prompts), split, n, len(prompts))
+        return prompts
 
     @functools.cached_property
     def prompts_dir(self) -> Path:
@@ -151,7 +164,7 @@ class WorldBuilder:
         truth = self.profile.ground_truth
         if truth.model:
             sentiment.hub_positive_index(truth.model, truth.positive_label)
-            return truth.model, truth.model
+            return truth.model, storage.cache_name(truth.model)
 
         def write(folder: Path) -> None:
             train, test = self.reviews["train"], self.reviews["test"]
@@ -173,7 +186,7 @@ class WorldBuilder:
                           sample_prompts=self.prefixes("test", sample_spec, SFT_SAMPLES),
                           mixed_precision=profile.mixed_precision, device=self.device, progress=self.progress)
 
-        return self.stage("sft", {"policy": profile.policy, "mixed_precision": profile.mixed_precision,
+        return self.stage("sft", {"policy": storage.keyed(profile.policy, "base"), "mixed_precision": profile.mixed_precision,
                                   "sample_prompts": sample_spec, "corpus": self.corpus_dir.name,
                                   "tokenizer": self.tokenizer_dir.parent.name}, write)
 

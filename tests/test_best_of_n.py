@@ -105,6 +105,27 @@ def test_best_of_n_by_the_learned_reward_model(ci_world):
         best_of_n(ci_world, None, ns=(1, 4))
 
 
+def test_a_nan_selector_stops_best_of_n_with_the_sample_named(ci_world, monkeypatch, tmp_path):
+    """A reward model that returns NaN used to give rows with a NaN KL and exit code 0."""
+    from dpo_lab.preferences import build_preferences
+    from dpo_lab.sentiment import NonFiniteScoreError
+    from dpo_lab.train.reward import RewardModel, train_reward_model
+
+    model = train_reward_model(ci_world, build_preferences(ci_world, progress=False), progress=False)
+    real_score = RewardModel.score
+
+    def one_nan(self, prompts, completions):
+        scores = real_score(self, prompts, completions)
+        scores[3] = float("nan")
+        return scores
+
+    monkeypatch.setattr(RewardModel, "score", one_nan)
+    monkeypatch.setenv("DPO_LAB_HOME", str(tmp_path))  # a fresh cache: nothing reused
+    with pytest.raises(NonFiniteScoreError, match=r"best-of-N: the selector .* score nan for draw 0 of test prompt 3"):
+        best_of_n(ci_world, model, ns=(1, 4), progress=False)
+    assert not list((tmp_path / "ci").glob("best_of_n*"))  # no table with NaN rows was written
+
+
 @pytest.mark.slow
 def test_cli_prints_one_row_per_n(by_ground_truth, capsys):
     assert cli.main(["best-of-n", "--profile", "ci", "--n", "16", "4", "1", "--scorer", "ground-truth"]) == 0

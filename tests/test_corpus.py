@@ -66,6 +66,9 @@ def _write_corpus(folder, train: pd.DataFrame) -> None:
     (pd.DataFrame({"text": ["good"], "sentiment": [1]}), "missing column 'label'"),
     (pd.DataFrame({"text": ["good", " <br /> ", "bad"], "label": [1, 0, 0]}), "column 'text', row 1"),
     (pd.DataFrame({"text": ["good", "bad", "meh"], "label": [1, 0, 2]}), "column 'label', row 2"),
+    (pd.DataFrame({"text": pd.Series([], dtype=str), "label": pd.Series([], dtype=int)}), "no rows"),
+    (pd.DataFrame({"text": ["good", "great"], "label": [1, 1]}), "every label is 1"),
+    (pd.DataFrame({"text": [5, 7], "label": [1, 0]}), r"column 'text', row 0: 5 \(int64\), not a string"),
 ])
 def test_bad_local_corpus_names_file_column_and_row(tmp_path, train, expected):
     _write_corpus(tmp_path, train)
@@ -120,3 +123,19 @@ def test_hub_unreachable_fails_fast_and_says_so(monkeypatch):
         corpus.load_corpus(CorpusSpec(name="imdb", source="stanfordnlp/imdb"))
     assert time.time() - started < 30
     assert "train.parquet" in str(info.value)
+
+
+def test_an_edited_corpus_folder_is_rebuilt(tmp_path, monkeypatch):
+    """The corpus key holds the local folder's content hash: an edit gives a new corpus folder, not the stale one."""
+    from dpo_lab.profiles import get_profile, with_sources
+    from dpo_lab.world import WorldBuilder
+
+    monkeypatch.setenv("DPO_LAB_HOME", str(tmp_path / "cache"))
+    (tmp_path / "imdb").mkdir()
+    _write_corpus(tmp_path / "imdb", pd.DataFrame({"text": ["a fine film", "a bad film"], "label": [1, 0]}))
+    profile = with_sources(get_profile("ci"), corpus=str(tmp_path / "imdb"))
+    first = WorldBuilder(profile, "cpu", progress=False).corpus_dir
+    _write_corpus(tmp_path / "imdb", pd.DataFrame({"text": ["an edited film", "a bad film"], "label": [1, 0]}))
+    second = WorldBuilder(profile, "cpu", progress=False).corpus_dir
+    assert first != second
+    assert pd.read_parquet(second / "train.parquet")["text"].tolist() == ["an edited film", "a bad film"]

@@ -7,6 +7,7 @@ Each training run is a module-scoped fixture, trained once with the ci profile's
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 
 import numpy as np
@@ -16,10 +17,11 @@ import torch
 from accelerate import Accelerator
 
 from dpo_lab import cli, runs, storage
+from dpo_lab.guards import NonFiniteError
 from dpo_lab.methods import get_method
 from dpo_lab.preferences import PreferenceDataError, build_preferences, load_preferences
 from dpo_lab.train import dpo
-from dpo_lab.train.dpo import Objective, train_offline
+from dpo_lab.train.dpo import Objective, offline_run, train_offline
 
 pytestmark = pytest.mark.slow
 
@@ -245,3 +247,20 @@ def test_cli_reuses_the_finished_run_and_rejects_bad_options(ci_world, pairs, ca
     assert cli.main(["train", "dpo", "--profile", "ci", "--beta", "inf"]) == 2
     assert cli.main(["train", "dpo", "--profile", "ci", "--batch-size", "30", "--grad-accum", "4"]) == 2
     assert "multiple of grad_accum" in capsys.readouterr().err
+
+
+def test_a_huge_learning_rate_stops_at_the_first_bad_step_and_keeps_the_checkpoint(ci_world, pairs):
+    """--lr 1e6 used to train on NaN from step 3, then die in torch.multinomial; a rerun repeated it."""
+    spec = dataclasses.replace(ci_world.profile.offline, lr=1e6, eval_every=1, warmup_steps=0)
+    with pytest.raises(NonFiniteError) as caught:
+        train_offline(ci_world, pairs, "dpo", beta=0.1, overrides=spec, progress=False)
+    message = str(caught.value)
+    run = offline_run(ci_world, pairs, Objective("dpo", beta=0.1), spec, "cached")
+    bad_step = int(re.search(r"stopped at step (\d+): non-finite", message).group(1))
+    checkpoint = run.latest_checkpoint()  # evaluated and saved after every step: the one before the bad step
+    assert checkpoint is not None and checkpoint[1]["step"] == bad_step - 1 and "--lr" in message
+    assert f"last good checkpoint (step {bad_step - 1}) is kept" in message
+    assert run.evaluations()["reward"].map(np.isfinite).all()
+    with pytest.raises(NonFiniteError, match="delete it to retry anyway") as again:  # at once, before any step
+        train_offline(ci_world, pairs, "dpo", beta=0.1, overrides=spec, progress=False)
+    assert message in str(again.value)

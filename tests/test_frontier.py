@@ -5,7 +5,7 @@ import dataclasses
 import pandas as pd
 import pytest
 
-from dpo_lab import cli, frontier, methods
+from dpo_lab import cli, frontier, methods, storage
 from dpo_lab.frontier import COLUMNS, SweepEntry, results_path, run_sweep, sweep_entries, write_report
 from dpo_lab.methods import Method
 from dpo_lab.plots import plot_frontier
@@ -70,6 +70,12 @@ def test_cut_down_sweep_runs_end_to_end_and_survives_a_kill(ci_world, results_fo
     stale = table[table["method"] == "dpo"].assign(hyperparameter=99.0)
     frontier.write_results(pd.concat([table, stale]), results_path("ci"))
     pd.testing.assert_frame_equal(run_sweep(profile, methods, progress=False), table)
+
+    # A finished run whose evaluations.csv was lost is trained again: the table keeps its rows (all but the timing).
+    dpo_run = table.loc[table["method"] == "dpo", "run_id"].iloc[0]
+    (storage.profile_dir("ci") / "runs" / dpo_run / "evaluations.csv").unlink()
+    rerun = run_sweep(profile, methods, progress=False)
+    pd.testing.assert_frame_equal(rerun.drop(columns="wall_s"), table.drop(columns="wall_s"))
 
     written = write_report(profile, table)
     assert all(path.exists() for path in written)

@@ -1,6 +1,7 @@
 """Helpers every stage needs: atomic writes, artifact caching, seeding, device choice."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,8 +46,46 @@ def test_cache_names_survive_moving_the_cache(monkeypatch, tmp_path):
         monkeypatch.setenv("DPO_LAB_HOME", str(tmp_path / home))
         (tmp_path / home / "tiny" / "sft-abc" / "policy").mkdir(parents=True)
         assert storage.cache_name(tmp_path / home / "tiny" / "sft-abc" / "policy") == "tiny/sft-abc/policy"
-    assert storage.cache_name(tmp_path / "old" / "tiny") == str(tmp_path / "old" / "tiny")  # outside the cache
+    outside = storage.cache_name(tmp_path / "old" / "tiny")  # outside the cache: marked local, keyed by content
+    assert outside.startswith(f"local:{tmp_path / 'old' / 'tiny'}@")
     assert storage.cache_name("gpt2") == "gpt2"  # a hub id stays as given
+
+
+def test_hub_ids_and_local_folders_never_share_a_key(monkeypatch, tmp_path):
+    """A folder ./gpt2 does not shadow the hub id gpt2; written as a path it is local, keyed by its content."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text("{}")
+    assert storage.cache_name("gpt2") == "gpt2"
+    local = storage.cache_name("./gpt2")
+    assert local == f"local:{tmp_path / 'gpt2'}@{storage.content_hash(tmp_path / 'gpt2')}"
+    (tmp_path / "gpt2" / "config.json").write_text('{"edited": true}')
+    assert storage.cache_name("./gpt2") != local  # an edited folder gets a new key, so what depends on it rebuilds
+    with storage.source("gpt2") as name:  # the hub id is resolved away from the same-named folder
+        assert name == "gpt2" and not Path("gpt2").exists()
+    with storage.source("./gpt2") as name:
+        assert name == str(tmp_path / "gpt2")
+
+
+def test_corrupt_artifact_is_reported_and_rebuilt(monkeypatch, tmp_path, caplog):
+    """A bit flip in a finished artifact fails its manifest check: the path is reported and the folder rebuilt."""
+    monkeypatch.setenv("DPO_LAB_HOME", str(tmp_path))
+    builds = []
+
+    def build(folder):
+        builds.append(folder)
+        (folder / "weights.bin").write_bytes(bytes(range(256)))
+
+    first = storage.cached_artifact("ci", "demo", {"lr": 1}, build)
+    data = bytearray((first / "weights.bin").read_bytes())
+    data[100] ^= 0x01
+    (first / "weights.bin").write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="dpo_lab"):
+        again = storage.cached_artifact("ci", "demo", {"lr": 1}, build)
+    assert again == first and len(builds) == 2
+    assert (again / "weights.bin").read_bytes() == bytes(range(256))
+    assert f"{first}: weights.bin does not match the checksum" in caplog.text
+    assert oct((again / "weights.bin").stat().st_mode & 0o777) != oct(0o600)
 
 
 def test_interrupted_build_is_not_taken_as_finished(monkeypatch, tmp_path):

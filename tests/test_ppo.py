@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from dpo_lab import cli, lm
+from dpo_lab.guards import NonFiniteError
 from dpo_lab.profiles import PPOSpec
-from dpo_lab.sentiment import Scorer
+from dpo_lab.sentiment import NonFiniteScoreError, Scorer
 from dpo_lab.train.ppo import (
     KLController,
-    NonFiniteScoreError,
     PolicyWithValue,
     ScoreNormaliser,
     per_token_rewards,
@@ -202,6 +202,9 @@ def test_nan_score_stops_the_run_and_it_resumes(ci_world, one_thread, monkeypatc
     assert run.evaluations()["step"].tolist() == [0, 2]
     assert repr(prompt) in (run.path / "log.txt").read_text()
 
+    with pytest.raises(NonFiniteError, match="delete it to retry anyway"):  # a rerun says so at once
+        train_ppo(ci_world, **options, overrides=spec, progress=False)
+    (run.path / "FAILED").unlink()  # the scorer is fixed: retry
     resumed = train_ppo(ci_world, **options, overrides=spec, progress=False)
     assert resumed.path == run.path and resumed.finished
     assert "resumed from the checkpoint of step 2" in (run.path / "log.txt").read_text()

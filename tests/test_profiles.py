@@ -1,6 +1,7 @@
 """Profiles: registry, lookup by name or environment, clear errors, and a printable table."""
 
 import dataclasses
+import typing
 
 import pytest
 
@@ -72,3 +73,18 @@ def test_cli_help_lists_commands(capsys):
     out = capsys.readouterr().out
     assert "profiles" in out and "commands:" in out
     assert main(["no-such-command"]) == 2
+
+
+def test_every_numeric_knob_has_a_rule():
+    """Every int, float or tuple field of every profile section is validated (finiteness and range) on creation."""
+    for section in typing.get_type_hints(Profile).values():
+        if not dataclasses.is_dataclass(section):
+            continue
+        hints = typing.get_type_hints(section)
+        numeric = [f.name for f in dataclasses.fields(section)
+                   if hints[f.name] in (int, float) or typing.get_origin(hints[f.name]) is tuple]
+        assert numeric and set(numeric) <= set(section.RULES), (section.__name__, set(numeric) - set(section.RULES))
+        for name in numeric:
+            bad = (float("nan"),) if typing.get_origin(hints[name]) is tuple else float("nan")
+            with pytest.raises(ValueError, match=f"{section.__name__}.{name} must be"):
+                section(**{name: bad})

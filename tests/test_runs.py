@@ -32,12 +32,13 @@ def test_the_previous_checkpoint_is_found_after_a_kill_mid_swap(tmp_path, monkey
     monkeypatch.setenv("DPO_LAB_HOME", str(tmp_path))
     model, tokenizer = _tiny_model_and_tokenizer()
     run = Run("ci", "dpo", "beta0.1", {"beta": 0.1})
+    for step in (5, 6):
+        run.add_evaluation({"step": step, "reward": 0.5})
     run.save_checkpoint(5, model, tokenizer, {"rng": torch.get_rng_state()})
-    real_replace, calls = os.replace, []
+    real_replace = os.replace
 
     def killed_after_moving_the_old_one_aside(src, dst):
-        calls.append(dst)
-        if len(calls) == 2:
+        if dst == run.path / CHECKPOINT_DIR:
             raise KeyboardInterrupt("killed between the two renames")
         real_replace(src, dst)
 
@@ -54,3 +55,47 @@ def test_the_previous_checkpoint_is_found_after_a_kill_mid_swap(tmp_path, monkey
     assert run.latest_checkpoint()[1]["step"] == 6
     run.finish(model, tokenizer)
     assert run.finished and not (run.path / CHECKPOINT_DIR).exists()
+
+
+def _run_with_two_checkpoints(tmp_path, monkeypatch):
+    monkeypatch.setenv("DPO_LAB_HOME", str(tmp_path))
+    model, tokenizer = _tiny_model_and_tokenizer()
+    run = Run("ci", "dpo", "beta0.1", {"beta": 0.1})
+    for step in (0, 5):
+        run.add_evaluation({"step": step, "reward": 0.5})
+        run.save_checkpoint(step, model, tokenizer, {"rng": torch.get_rng_state()})
+    return run, model, tokenizer
+
+
+def test_a_bit_flipped_checkpoint_is_reported_and_the_previous_one_used(tmp_path, monkeypatch, caplog):
+    run, _, _ = _run_with_two_checkpoints(tmp_path, monkeypatch)
+    assert run.latest_checkpoint()[1]["step"] == 5
+    weights = run.path / CHECKPOINT_DIR / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    weights.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="dpo_lab"):
+        folder, state = run.latest_checkpoint()
+    assert state["step"] == 0 and folder.name == CHECKPOINT_DIR + ".previous"
+    assert "model.safetensors does not match the checksum" in caplog.text and str(weights.parent) in caplog.text
+
+
+def test_a_truncated_trainer_state_is_detected(tmp_path, monkeypatch, caplog):
+    run, _, _ = _run_with_two_checkpoints(tmp_path, monkeypatch)
+    state = run.path / CHECKPOINT_DIR / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:-7])
+    with caplog.at_level("WARNING", logger="dpo_lab"):
+        assert run.latest_checkpoint()[1]["step"] == 0
+    assert "trainer_state.pt does not match the checksum" in caplog.text
+
+
+def test_a_finished_run_that_lost_its_evaluations_is_trained_again(tmp_path, monkeypatch, caplog):
+    run, model, tokenizer = _run_with_two_checkpoints(tmp_path, monkeypatch)
+    run.add_evaluation({"step": 9, "reward": 0.7})
+    run.finish(model, tokenizer)
+    assert run.finished
+    (run.path / "evaluations.csv").unlink()
+    with caplog.at_level("WARNING", logger="dpo_lab"):
+        assert not run.finished
+    assert "evaluations.csv is missing" in caplog.text
+    assert not (run.path / "final").exists()  # trained again from scratch: deterministic, the same rows

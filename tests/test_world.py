@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 
 import torch
@@ -91,3 +92,22 @@ def test_cli_prepare_prints_summary(ci_world, capsys):
     out = capsys.readouterr().out
     assert str(ci_world.sft_dir) in out
     assert "validation perplexity" in out and "held-out accuracy" in out and "within-prompt std" in out
+
+
+def test_bit_flipped_sft_weights_are_detected_and_rebuilt(ci_world, isolated_home, tmp_path, monkeypatch, caplog):
+    """Flipped SFT weights used to be reused with exit code 0 and a KL of about 6,900 nats."""
+    world_stages = ("corpus-*", "tokenizer-*", "prompts-*", "ground_truth-*", "sft-*", "score_spread-*")
+    for pattern in world_stages:
+        for folder in (isolated_home / "ci").glob(pattern):
+            shutil.copytree(folder, tmp_path / "ci" / folder.name)
+    monkeypatch.setenv("DPO_LAB_HOME", str(tmp_path))
+    weights = tmp_path / ci_world.sft_dir.relative_to(isolated_home) / "model.safetensors"
+    original = weights.read_bytes()
+    flipped = bytearray(original)
+    flipped[len(flipped) // 2] ^= 0x04
+    weights.write_bytes(bytes(flipped))
+    with caplog.at_level("WARNING", logger="dpo_lab"):
+        world = prepare(get_profile("ci"), progress=False)
+    assert f"{weights.parent.parent}: policy/model.safetensors does not match the checksum" in caplog.text
+    assert world.sft_dir == weights.parent
+    assert weights.read_bytes() == original  # rebuilt, and SFT is deterministic: the same weights

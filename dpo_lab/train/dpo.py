@@ -51,6 +51,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from dpo_lab import lm, runtime, storage
+from dpo_lab.guards import check_finite
 from dpo_lab.losses import LOSS_TYPES, dpo_loss, preferred_ft_loss, unlikelihood_loss
 from dpo_lab.preferences import load_preferences
 from dpo_lab.profiles import OfflineTrainSpec
@@ -261,6 +262,9 @@ def make_optimizer(params, spec: OfflineTrainSpec) -> torch.optim.Optimizer:
     return torch.optim.RMSprop(params, lr=spec.lr)
 
 
+NON_FINITE_CAUSES = "a learning rate too high for the model (--lr), or an extreme --beta or --alpha"
+
+
 def check_processes(spec: OfflineTrainSpec, num_processes: int) -> None:
     """Raise ``ValueError`` unless a step's pairs split evenly over micro-batches and processes."""
     if spec.batch_size % (spec.grad_accum * num_processes):
@@ -320,6 +324,7 @@ class OfflineStep:
                 accelerator.backward(loss)
                 stats.append(micro_stats)
         grad_norm = accelerator.clip_grad_norm_(self.policy.parameters(), self.spec.max_grad_norm)
+        check_finite(loss=torch.stack([s["loss"].detach() for s in stats]).mean(), grad_norm=grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -381,6 +386,7 @@ def train_offline(world, pairs_path: str | Path, method: str, *, beta: float = 0
     run = offline_run(world, pairs_path, objective, spec, reference)
     if run.finished:
         return run
+    run.raise_if_failed()
     pairs = load_pairs(pairs_path)
     accelerator = runtime.make_accelerator(device, world.profile.mixed_precision, spec.grad_accum)
     check_processes(spec, accelerator.num_processes)
@@ -409,16 +415,17 @@ def offline_loop(train_step: OfflineStep, checkpoint: Checkpointer, done: int, s
                desc=f"{run.method} {name}={value:g}")
     for step in bar:
         started = time.perf_counter()
-        metrics = train_step(schedule[step - 1])
-        seconds += time.perf_counter() - started
-        if accelerator.is_main_process:
-            run.log_metrics(step, metrics)
-        postfix = {"loss": f"{metrics['loss']:.3f}"}
-        if "rewards/accuracy" in metrics:
-            postfix["acc"] = f"{metrics['rewards/accuracy']:.2f}"
-        bar.set_postfix(postfix, refresh=False)
-        if step % spec.eval_every == 0 or step == steps:
-            checkpoint(step, policy, seconds, train_step.state_dict)
+        with run.stopped_on_non_finite(f"step {step}", NON_FINITE_CAUSES):
+            metrics = train_step(schedule[step - 1])
+            seconds += time.perf_counter() - started
+            if accelerator.is_main_process:
+                run.log_metrics(step, metrics)
+            postfix = {"loss": f"{metrics['loss']:.3f}"}
+            if "rewards/accuracy" in metrics:
+                postfix["acc"] = f"{metrics['rewards/accuracy']:.2f}"
+            bar.set_postfix(postfix, refresh=False)
+            if step % spec.eval_every == 0 or step == steps:
+                checkpoint(step, policy, seconds, train_step.state_dict)
     if accelerator.is_main_process:
         run.finish(policy, checkpoint.tokenizer)
         run.log(f"finished after {seconds:.0f} s of training")

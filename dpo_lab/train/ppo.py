@@ -52,8 +52,8 @@ policy is evaluated with :func:`dpo_lab.evaluate.evaluate_policy` against the gr
 ``ppo`` as well), the row recorded, then the checkpoint saved (:class:`dpo_lab.runs.Run`): policy
 weights, and in the trainer state the value head, the optimiser, beta and the RNG state, so an
 interrupted run resumes exactly where its last checkpoint left it. A score that is NaN or
-infinite stops the run with :class:`NonFiniteScoreError`, naming the prompt, and the last good
-checkpoint is kept.
+infinite stops the run with :class:`NonFiniteScoreError`, naming the prompt, and so does a
+non-finite loss or gradient norm (:mod:`dpo_lab.guards`); the last good checkpoint is kept.
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from dpo_lab import lm, runtime, storage
+from dpo_lab.guards import check_finite
 from dpo_lab.kl import sequence_kl, token_kl_and_logps
 from dpo_lab.losses import (
     gae_advantages,
@@ -83,7 +84,7 @@ from dpo_lab.losses import (
 )
 from dpo_lab.profiles import PPOSpec
 from dpo_lab.runs import Checkpointer, Run, start_or_resume, training_run
-from dpo_lab.sentiment import NonFiniteScoreError, check_finite_scores, score_ids
+from dpo_lab.sentiment import check_finite_scores, score_ids
 from dpo_lab.train.reward import load_reward_model
 
 ScoreFn = Callable[[Sequence[Sequence[int]], Sequence[Sequence[int]]], Tensor]
@@ -334,7 +335,8 @@ def optimise(model: PolicyWithValue, optimizer: torch.optim.Optimizer, rollout: 
                 value_loss, value_stats = ppo_value_loss(values, rollout.values[rows], rollout.returns[rows], mask,
                                                          spec.clip_range_value)
             accelerator.backward(policy_loss + spec.vf_coef * value_loss)
-            accelerator.clip_grad_norm_(model.parameters(), spec.max_grad_norm)
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), spec.max_grad_norm)
+            check_finite(policy_loss=policy_loss, value_loss=value_loss, grad_norm=grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             for key, value in (("policy_loss", policy_loss), ("value_loss", value_loss),
@@ -400,6 +402,10 @@ def setup(world, spec: PPOSpec, *, use_ground_truth: bool, reward_model_path: Pa
     return PPOSetup(accelerator, model, reference, tokenizer, optimizer, ground_truth, score, source, spec)
 
 
+NON_FINITE_CAUSES = ("a learning rate too high for the model (--lr), or a reward scorer that returns NaN or "
+                     "extreme values")
+
+
 def ppo_run(world, *, target_kl: float | None, use_ground_truth: bool, reward_model_path: Path | None, seed: int,
             spec: PPOSpec) -> Run:
     """The :class:`~dpo_lab.runs.Run` folder of one PPO configuration (the same configuration, the same folder)."""
@@ -428,6 +434,7 @@ def train_ppo(world, *, target_kl: float | None, use_ground_truth: bool, reward_
                   reward_model_path=reward_model_path, seed=seed, spec=spec)
     if run.finished:
         return run
+    run.raise_if_failed()
     resume = run.latest_checkpoint()
     ppo = setup(world, spec, use_ground_truth=use_ground_truth, reward_model_path=reward_model_path,
                 policy_dir=resume[0] if resume else None, device=device)
@@ -463,19 +470,14 @@ def ppo_loop(ppo: PPOSetup, checkpoint: Checkpointer, kl_control: KLController, 
                desc=f"{run.method} {name}={value:g}", disable=not progress)
     for iteration in bar:
         prompts = rollout_prompts(world.train_prompts, iteration, spec.rollout_size, seed)
-        try:
+        with run.stopped_on_non_finite(f"iteration {iteration}", NON_FINITE_CAUSES):
             metrics = ppo_iteration(ppo.model, ppo.reference, ppo.optimizer, ppo.tokenizer, prompts, ppo.score,
                                     ppo.score_source, normalise, kl_control, spec, world.profile.sampling.max_new_tokens,
                                     world.profile.sampling.batch_size, ppo.accelerator)
-        except NonFiniteScoreError as err:
-            message = (f"PPO stopped at iteration {iteration}: {err}. The last good checkpoint (iteration "
-                       f"{run.latest_checkpoint()[1]['step']}) is kept in {run.path}")
-            run.log(message)
-            raise NonFiniteScoreError(message) from None
-        run.log_metrics(iteration, metrics)
-        bar.set_postfix(score=f"{metrics['score']:.3f}", kl=f"{metrics['kl']:.2f}",
-                        kl_coef=f"{metrics['kl_coef']:.3g}", refresh=False)
-        if iteration % spec.eval_every == 0 or iteration == spec.iterations:
-            save(iteration)
+            run.log_metrics(iteration, metrics)
+            bar.set_postfix(score=f"{metrics['score']:.3f}", kl=f"{metrics['kl']:.2f}",
+                            kl_coef=f"{metrics['kl_coef']:.3g}", refresh=False)
+            if iteration % spec.eval_every == 0 or iteration == spec.iterations:
+                save(iteration)
     run.finish(model.policy, ppo.tokenizer)
     run.log(f"finished after {wall_before + time.time() - started:.0f} s")

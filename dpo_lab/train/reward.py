@@ -58,6 +58,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModel, PreTrainedModel
 
 from dpo_lab import lm, runtime, sentiment, storage
+from dpo_lab.guards import check_step
 from dpo_lab.losses import bradley_terry_loss
 from dpo_lab.preferences import load_preferences
 from dpo_lab.profiles import RewardSpec
@@ -151,7 +152,8 @@ def init_reward_model(world, spec: RewardSpec) -> tuple[RewardModel, object]:
     if spec.base and lm.load_tokenizer(spec.base).get_vocab() != tokenizer.get_vocab():
         raise ValueError(f"RewardSpec.base={spec.base!r} has another vocabulary than the policy {world.sft_dir}; "
                          "the reward model reads the policy's token ids, so it needs the policy's tokenizer")
-    trunk = AutoModel.from_pretrained(str(spec.base or world.sft_dir), dtype=torch.float32, use_safetensors=True)
+    with storage.source(spec.base or world.sft_dir) as name:
+        trunk = AutoModel.from_pretrained(name, dtype=torch.float32, use_safetensors=True)
     return RewardModel(trunk, tokenizer.pad_token_id), tokenizer
 
 
@@ -242,6 +244,7 @@ def _fit(model, optimizer, loader, accelerator, val_pairs: Sequence[tuple], spec
             r_w, r_l = model(batch["input_ids"], batch["attention_mask"]).float().chunk(2)
             loss = bradley_terry_loss(r_w, r_l)
             accelerator.backward(loss)
+            check_step("reward model training", step + 1, "a learning rate (RewardSpec.lr) too high", loss=loss)
             optimizer.step()
             optimizer.zero_grad()
             step += 1
@@ -298,7 +301,7 @@ def _train(world, pairs_path: Path, folder: Path, device, progress: bool) -> Non
 def reward_config(world, pairs_path: str | os.PathLike) -> dict:
     """The cache key of a reward model: its spec, precision, the pairs folder and the held-out evaluation."""
     profile = world.profile
-    return {"reward": profile.reward, "mixed_precision": profile.mixed_precision, "pairs": Path(pairs_path).name,
+    return {"reward": storage.keyed(profile.reward, "base"), "mixed_precision": profile.mixed_precision, "pairs": Path(pairs_path).name,
             "heldout": {"seed": HELDOUT_SEED, "sampling": profile.sampling,
                         "test_prompts": storage.fingerprint(world.test_prompts)}}
 

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, get_cosine_schedule_with_warmup
 
 from dpo_lab import lm, runtime, storage
+from dpo_lab.guards import check_step
 from dpo_lab.profiles import PolicySpec
 
 ENDOFTEXT = "<|endoftext|>"
@@ -148,12 +149,14 @@ def train_sft(spec: PolicySpec, tokenizer_dir: str | os.PathLike, train_texts: S
     generator = torch.Generator().manual_seed(spec.seed)
     batches = itertools.islice(shuffled_batches(len(train_ids), spec.sft_batch_size, generator), steps)
     bar = tqdm(batches, total=steps, desc="SFT", disable=not progress)
-    for indices in bar:
+    for step, indices in enumerate(bar, start=1):
         batch = {k: v.to(accelerator.device) for k, v in lm_batch([train_ids[i] for i in indices], pad_id).items()}
         with accelerator.autocast():
             loss = model(**batch, use_cache=False).loss
         accelerator.backward(loss)
-        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), 1.0)
+        check_step("SFT", step, "a learning rate (PolicySpec.sft_lr) too high for this model", loss=loss,
+                   grad_norm=grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
