@@ -24,31 +24,33 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-from dpo_lab.profiles import Profile, get_profile, profile_table
+from dpo_lab.profiles import SOURCE_ENV_VARS, Profile, get_profile, profile_table
 
 DEBUG_ENV_VAR = "DPO_LAB_DEBUG"
 
 
+def option(help_text: str, env_var: str | None = None):
+    """An optional string option (default None) with its help; ``env_var`` names its fallback in the help."""
+    fallback = f" Default: ${env_var}, else the profile's." if env_var else ""
+    return field(default=None, metadata={"help": help_text + fallback})
+
+
 @dataclass
 class CommonArgs:
-    """Options every subcommand takes."""
+    """Options every subcommand takes: the profile, the device, and the four sources (a hub id, or a local
+    path written as a path: ./x, /x, ~/x)."""
 
-    profile: str | None = field(default=None, metadata={
-        "help": "Profile name (ci, tiny, gpt2, paper); default: $DPO_LAB_PROFILE or tiny."})
-    device: str | None = field(default=None, metadata={
-        "help": "Device (cpu, cuda, cuda:1, mps); default: $DPO_LAB_DEVICE, else CUDA, then MPS, then CPU."})
-    corpus: str | None = field(default=None, metadata={
-        "help": "IMDb-schema corpus: a hub dataset id, or a local folder of train.parquet and test.parquet "
-                "written as a path (./imdb, /data/imdb); default: $DPO_LAB_CORPUS, else the profile's."})
-    policy: str | None = field(default=None, metadata={
-        "help": "Causal LM to fine-tune into pi_SFT: a hub id (gpt2) or a save_pretrained folder (./my-gpt2); "
-                "default: $DPO_LAB_POLICY, else the profile's."})
-    reward_base: str | None = field(default=None, metadata={
-        "help": "Trunk of the reward model: a hub id or a local folder (same tokenizer as the policy); "
-                "default: $DPO_LAB_REWARD_BASE, else the profile's (the SFT policy when empty)."})
-    ground_truth: str | None = field(default=None, metadata={
-        "help": "Ground-truth sentiment classifier: a hub id or a local save_pretrained folder; "
-                "default: $DPO_LAB_GROUND_TRUTH, else the profile's."})
+    profile: str | None = option("Profile name (ci, tiny, gpt2, paper); default: $DPO_LAB_PROFILE or tiny.")
+    device: str | None = option("Device (cpu, cuda, cuda:1, mps); default: $DPO_LAB_DEVICE, else CUDA, then MPS, "
+                                "then CPU.")
+    corpus: str | None = option("IMDb-schema corpus: a hub dataset id, or a folder of train.parquet and "
+                                "test.parquet.", SOURCE_ENV_VARS["corpus"])
+    policy: str | None = option("Causal LM fine-tuned into pi_SFT: a hub id or a save_pretrained folder.",
+                                SOURCE_ENV_VARS["policy"])
+    reward_base: str | None = option("Trunk of the reward model (the policy's tokenizer): a hub id or a folder.",
+                                     SOURCE_ENV_VARS["reward_base"])
+    ground_truth: str | None = option("Ground-truth sentiment classifier: a hub id or a save_pretrained folder.",
+                                      SOURCE_ENV_VARS["ground_truth"])
 
 
 def profile_of(common: CommonArgs) -> Profile:
