@@ -2,6 +2,11 @@
 
 The results table has one row per evaluated checkpoint, with at least the columns ``method``,
 ``run_id``, ``step``, ``reward``, ``reward_se``, ``kl``, ``kl_se`` (the columns :func:`dpo_lab.evaluate.Evaluation.row` writes).
+
+Every statistic here counts **distinct trained checkpoints** (:func:`distinct_checkpoints`): PPO
+runs with different KL targets follow the same trajectory until their KLs approach the targets
+(the controller's error is clipped), so the table holds some checkpoints several times; and the
+step-0 rows are the SFT policy, not a trained checkpoint of the method.
 """
 
 from __future__ import annotations
@@ -26,12 +31,22 @@ def check_results(table: pd.DataFrame, source: str = "results table") -> pd.Data
     return table
 
 
-def pareto_frontier(points: pd.DataFrame) -> pd.DataFrame:
-    """The upper-left envelope of (kl, reward) points: each kept point beats every point of lower KL.
+def distinct_checkpoints(table: pd.DataFrame) -> pd.DataFrame:
+    """The trained checkpoints (step > 0), each once.
+
+    Rows of one method with the same reward, KL and (if present) length are the same policy
+    evaluated by several runs (the evaluation is deterministic): the first is kept.
+    """
+    keys = ["method", "reward", "kl"] + (["length"] if "length" in table.columns else [])
+    return table[table["step"] > 0].drop_duplicates(keys)
+
+
+def pareto_frontier(points: pd.DataFrame, kl_column: str = "kl") -> pd.DataFrame:
+    """The upper-left envelope of (KL, reward) points: each kept point beats every point of lower KL.
 
     Returns the frontier rows sorted by KL (ascending); reward is strictly increasing along it.
     """
-    ordered = points.sort_values(["kl", "reward"], ascending=[True, False])
+    ordered = points.sort_values([kl_column, "reward"], ascending=[True, False])
     keep, best = [], -np.inf
     for index, reward in zip(ordered.index, ordered["reward"]):
         if reward > best:
@@ -59,25 +74,27 @@ def completion_lengths(table: pd.DataFrame) -> pd.Series:
 
 
 def best_reward_at_budgets(table: pd.DataFrame, budgets: Sequence[float], kl_column: str = "kl") -> pd.DataFrame:
-    """For each method, the highest reward among checkpoints with ``kl_column`` at most each budget.
+    """For each method, the highest reward among its distinct trained checkpoints within each KL budget.
 
-    Returns a frame indexed by method with one column per budget (NaN where no point fits).
+    Returns a frame indexed by method with one column per budget (NaN where no trained checkpoint
+    fits: the SFT point does not count for a method).
     """
     label = "kl/token" if kl_column == "kl_per_token" else kl_column
     out = {}
-    for method, group in table.groupby("method", sort=False):
+    for method, group in distinct_checkpoints(table).groupby("method", sort=False):
         out[method] = {f"{label}<={b:g}": group.loc[group[kl_column] <= b, "reward"].max() for b in budgets}
     return pd.DataFrame.from_dict(out, orient="index")
 
 
 def dominated_share(table: pd.DataFrame, by: str = "dpo", of: Iterable[str] = ("ppo", "ppo-gt"),
                     kl_column: str = "kl") -> pd.Series:
-    """Share of each ``of`` method's points dominated by some point of method ``by``.
+    """Share of each ``of`` method's distinct trained checkpoints dominated by some checkpoint of ``by``.
 
     A point (kl, reward) is dominated when a ``by`` point has KL no larger and reward no smaller,
     one of the two strictly. The paper's claim (Figure 2, left) is that DPO dominates all PPO
     points. ``kl_column`` chooses the KL axis (``kl`` or ``kl_per_token``).
     """
+    table = distinct_checkpoints(table)
     reference = table.loc[table["method"] == by, [kl_column, "reward"]].to_numpy(dtype=float)
     shares = {}
     for method in of:
@@ -90,3 +107,23 @@ def dominated_share(table: pd.DataFrame, by: str = "dpo", of: Iterable[str] = ("
         strict = (reference[None, :, 0] < points[:, None, 0]) | (reference[None, :, 1] > points[:, None, 1])
         shares[method] = float((le_kl & ge_reward & strict).any(axis=1).mean())
     return pd.Series(shares, name=f"dominated by {by}")
+
+
+def reward_at_matched_kl(table: pd.DataFrame, kls: Sequence[float], kl_column: str = "kl") -> pd.DataFrame:
+    """Each method's frontier read at common KL values: the fair way to compare two methods.
+
+    Per method, the Pareto frontier of its distinct trained checkpoints is interpolated linearly
+    in KL between neighbouring frontier checkpoints (reward and its standard error alike); outside
+    the KL range the method's own frontier spans the value is NaN, never the SFT point or an
+    extrapolation. Returns a tidy frame: ``method``, ``kl``, ``reward``, ``reward_se``.
+    """
+    rows = []
+    for method, group in distinct_checkpoints(table).groupby("method", sort=False):
+        front = pareto_frontier(group, kl_column)
+        x = front[kl_column].to_numpy(dtype=float)
+        for kl in kls:
+            inside = x[0] <= kl <= x[-1]
+            reward = np.interp(kl, x, front["reward"]) if inside else np.nan
+            se = np.interp(kl, x, front["reward_se"]) if inside else np.nan
+            rows.append({"method": method, "kl": float(kl), "reward": reward, "reward_se": se})
+    return pd.DataFrame(rows, columns=["method", "kl", "reward", "reward_se"])

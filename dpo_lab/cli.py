@@ -197,16 +197,20 @@ def run_preferences(argv: list[str]) -> None:
 
 def run_reward(argv: list[str]) -> None:
     """``dpo-lab reward``: world and pairs first if missing, then r_phi; print its metrics."""
+    from dpo_lab.agreement import reward_model_agreement
     from dpo_lab.train.reward import METRICS
 
-    _, path, m, seconds = build_artifact("reward", argv, "reward_model", METRICS)
+    pipeline, path, m, seconds = build_artifact("reward", argv, "reward_model", METRICS)
+    a = reward_model_agreement(pipeline.world, path)
     print(f"reward model: {path} ({seconds:.1f} s now; built in {m['seconds']:.1f} s)\n"
           f"  {m['train_pairs']} training pairs ({m['train_prompts']} prompts), {m['val_pairs']} validation pairs "
           f"({m['val_prompts']} other prompts), {m['steps']} steps in {m['train_seconds']:.1f} s\n"
           f"  validation accuracy {m['val_accuracy']:.3f} (best, epoch {m['best_epoch']:.2f}), "
           f"training accuracy {m['train_accuracy']:.3f}\n"
-          f"  Spearman with the ground truth on {m['heldout_samples']} fresh SFT samples (test prompts): "
-          f"{m['heldout_spearman']:.3f}; reward offset {m['offset']:.3f}")
+          f"  within prompts ({a['samples_per_prompt']} fresh SFT samples of each test prompt): pairwise accuracy "
+          f"{a['pairwise_accuracy']:.3f} on {a['pairs']} pairs, mean Spearman {a['spearman_within']:.3f} with r*\n"
+          f"  across prompts (mixes in r_phi's per-prompt offset; the wrong check, for contrast): Spearman "
+          f"{a['cross_prompt_spearman']:.3f}; reward offset {m['offset']:.3f}")
 
 
 @dataclass

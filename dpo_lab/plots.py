@@ -16,7 +16,7 @@ import pandas as pd
 import seaborn as sns
 from cycler import cycler
 
-from dpo_lab.analysis import check_results, pareto_frontier
+from dpo_lab.analysis import check_results, distinct_checkpoints, pareto_frontier
 from dpo_lab.methods import is_curve, style
 
 
@@ -51,7 +51,8 @@ def plot_frontier(table: pd.DataFrame, title: str = "Reward vs KL (IMDb sentimen
                   save_to: str | os.PathLike | None = None, ax: plt.Axes | None = None) -> plt.Figure:
     """Every checkpoint as a point with standard-error bars; each method's Pareto frontier as a line.
 
-    The SFT policy (step 0 rows) is drawn once as a black star, and each frontier starts from it.
+    The SFT policy (step 0 rows) is drawn once as a black star. A method's frontier joins its own
+    distinct trained checkpoints only, so no line crosses a KL range where the method has none.
     Best-of-N is drawn as a curve in order of N rather than as a frontier.
     """
     table = check_results(table)
@@ -61,8 +62,7 @@ def plot_frontier(table: pd.DataFrame, title: str = "Reward vs KL (IMDb sentimen
         trained = group[group["step"] > 0]
         ax.errorbar(trained["kl"], trained["reward"], xerr=trained["kl_se"], yerr=trained["reward_se"], fmt=marker,
                     color=colour, alpha=0.45, markersize=5, elinewidth=0.8, linestyle="none")
-        curve = is_curve(method)
-        line = group.sort_values("hyperparameter") if curve else pareto_frontier(group)
+        line = group.sort_values("hyperparameter") if is_curve(method) else pareto_frontier(distinct_checkpoints(group))
         ax.plot(line["kl"], line["reward"], color=colour, linewidth=2, label=label)
     sft = table[table["step"] == 0]
     if len(sft):
@@ -86,17 +86,17 @@ def plot_training_curves(table: pd.DataFrame, save_to: str | os.PathLike | None 
                              squeeze=False, sharey="row")
     for col, method in enumerate(methods):
         label, colour, _ = style(method)
-        for run_id, run in table[table["method"] == method].groupby("run_id"):
-            run = run.sort_values("step")
+        runs = table[table["method"] == method].sort_values(["hyperparameter", "seed", "step"], kind="stable")
+        for run_id, run in runs.groupby("run_id", sort=False):  # legends in numeric order of the hyperparameter
             name = f"{run['hyperparameter_name'].iloc[0]}={run['hyperparameter'].iloc[0]:g}" \
                 if "hyperparameter" in run else run_id
             axes[0, col].plot(run["step"], run["reward"], marker=".", label=name)
             axes[1, col].plot(run["step"], run["kl"], marker=".", label=name)
         axes[0, col].set_title(label, color=colour)
-        axes[1, col].set_xlabel("step")
+        axes[1, col].set_xlabel("training step")
         axes[0, col].legend(fontsize=7)
-    axes[0, 0].set_ylabel("reward")
-    axes[1, 0].set_ylabel("KL")
+    axes[0, 0].set_ylabel("ground-truth reward  p(positive)")
+    axes[1, 0].set_ylabel("sequence KL  [nats]")
     fig.tight_layout()
     if save_to is not None:
         save_figure(fig, save_to)

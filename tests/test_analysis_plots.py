@@ -8,8 +8,10 @@ from dpo_lab.analysis import (
     best_reward_at_budgets,
     check_results,
     completion_lengths,
+    distinct_checkpoints,
     dominated_share,
     pareto_frontier,
+    reward_at_matched_kl,
     with_kl_per_token,
 )
 from dpo_lab.plots import plot_frontier, plot_training_curves
@@ -94,3 +96,59 @@ def test_plots_write_png_and_svg(tmp_path):
     fig = plot_training_curves(_table(), save_to=tmp_path / "curves")
     assert (tmp_path / "curves.png").exists()
     assert len(fig.axes) == 6
+
+
+def _with_a_duplicated_run(table):
+    """A second PPO run (target 9) whose first checkpoint is the target-6 run's, evaluated again."""
+    twin = table[(table["method"] == "ppo") & (table["step"] <= 1)].assign(run_id="ppo/y", hyperparameter=9.0)
+    later = twin.iloc[[-1]].assign(step=2, kl=9.0, reward=0.95)
+    return pd.concat([table, twin, later], ignore_index=True)
+
+
+def test_duplicated_checkpoints_are_counted_once():
+    table = _with_a_duplicated_run(_table())
+    distinct = distinct_checkpoints(table)
+    assert (distinct["step"] > 0).all()
+    assert len(distinct[distinct["method"] == "ppo"]) == 3  # (3, .70) once, (6, .85), (9, .95)
+    # Counted twice, (3, .70) would make 3 of 4 PPO points dominated; counted once it is 2 of 3.
+    assert dominated_share(table)["ppo"] == pytest.approx(2 / 3)
+
+
+def test_best_at_budget_ignores_the_sft_point():
+    best = best_reward_at_budgets(_table(), [0.5, 2])
+    assert np.isnan(best.loc["ppo", "kl<=0.5"]) and np.isnan(best.loc["ppo", "kl<=2"])  # no trained PPO point there
+    assert best.loc["dpo", "kl<=2"] == 0.80
+
+
+def test_matched_kl_interpolates_each_frontier_within_its_own_range():
+    table = _table()
+    table.loc[(table["method"] == "dpo") & (table["step"] == 2), "reward_se"] = 0.03
+    matched = reward_at_matched_kl(table, [1.0, 2.0, 3.5, 5.0, 6.5]).set_index(["method", "kl"])
+    # DPO frontier: (2, .80, se .01) -> (5, .90, se .03)
+    assert matched.loc[("dpo", 3.5), "reward"] == pytest.approx(0.85)
+    assert matched.loc[("dpo", 3.5), "reward_se"] == pytest.approx(0.02)
+    assert matched.loc[("dpo", 2.0), "reward"] == pytest.approx(0.80)
+    assert np.isnan(matched.loc[("dpo", 1.0), "reward"]) and np.isnan(matched.loc[("dpo", 6.5), "reward"])
+    # PPO has nothing below KL 3: no comparison at KL 2 (it used to be the SFT point's 0.60)
+    assert np.isnan(matched.loc[("ppo", 2.0), "reward"])
+    assert matched.loc[("ppo", 5.0), "reward"] == pytest.approx(0.70 + 0.15 * 2 / 3)
+
+
+def test_no_frontier_line_outside_a_methods_own_kl_range():
+    fig = plot_frontier(_table())
+    trained = _table()[lambda t: t["step"] > 0]
+    for line in fig.axes[0].get_lines():
+        label = line.get_label()
+        method = {"DPO": "dpo", "PPO": "ppo", "PPO-GT": "ppo-gt"}.get(label)
+        if method is None:
+            continue
+        kls = trained.loc[trained["method"] == method, "kl"]
+        assert min(line.get_xdata()) >= kls.min() and max(line.get_xdata()) <= kls.max()
+
+
+def test_training_curve_legends_sort_numerically():
+    table = pd.concat([_table().assign(run_id=f"ppo/{v}", hyperparameter=v)[lambda t: t["method"] == "ppo"]
+                       for v in (12.0, 3.0, 6.0, 9.0)], ignore_index=True)
+    fig = plot_training_curves(table)
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels == ["target_kl=3", "target_kl=6", "target_kl=9", "target_kl=12"]

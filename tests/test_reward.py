@@ -80,3 +80,18 @@ def test_rerun_reuses_the_cache(ci_world, ci_pairs, ci_reward, monkeypatch):
     started = time.time()
     assert reward.train_reward_model(ci_world, ci_pairs, progress=False) == ci_reward
     assert time.time() - started < 1.0
+
+
+def test_cli_reports_within_prompt_agreement_with_the_cross_prompt_contrast(ci_reward, capsys):
+    from dpo_lab import cli
+    from dpo_lab.agreement import reward_model_agreement
+    from dpo_lab.pipeline import Pipeline
+    from dpo_lab.profiles import get_profile
+
+    assert cli.main(["reward", "--profile", "ci"]) == 0
+    out = capsys.readouterr().out
+    assert "within prompts (4 fresh SFT samples of each test prompt): pairwise accuracy" in out
+    assert "across prompts" in out
+    agreement = reward_model_agreement(Pipeline(get_profile("ci")).world, ci_reward)
+    assert f"pairwise accuracy {agreement['pairwise_accuracy']:.3f}" in out
+    assert 0.5 < agreement["pairwise_accuracy"] <= 1.0  # r_phi orders same-prompt completions better than chance
