@@ -127,3 +127,16 @@ def reward_at_matched_kl(table: pd.DataFrame, kls: Sequence[float], kl_column: s
             se = np.interp(kl, x, front["reward_se"]) if inside else np.nan
             rows.append({"method": method, "kl": float(kl), "reward": reward, "reward_se": se})
     return pd.DataFrame(rows, columns=["method", "kl", "reward", "reward_se"])
+
+
+def achieved_kl(table: pd.DataFrame, methods: Iterable[str] = ("ppo", "ppo-gt"), last: int = 3) -> pd.DataFrame:
+    """How close each adaptive-KL run came to its target: the KL of its last checkpoint, and the
+    lowest and highest KL over its last ``last`` checkpoints. One row per run, by method and target."""
+    rows = []
+    for _, run in table[table["method"].isin(list(methods))].groupby("run_id"):
+        run = run.sort_values("step")
+        tail = run.tail(last)["kl"]
+        rows.append({"method": run["method"].iloc[0], "target KL": run["hyperparameter"].iloc[0],
+                     "final KL": run["kl"].iloc[-1], f"min of last {last}": tail.min(),
+                     f"max of last {last}": tail.max()})
+    return pd.DataFrame(rows).sort_values(["method", "target KL"]).set_index("method")

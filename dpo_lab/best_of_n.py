@@ -51,6 +51,8 @@ SELECTORS = ("reward-model", "ground-truth")
 SCORES_FILE = "scores.safetensors"
 TIMING_FILE = "timing.json"
 RESULTS_FILE = "results.csv"
+ROWS_VERSION = 2
+"""In the results' cache key: version 2 added ``selector_score``, so cached rows without it are rebuilt (from the cached draws)."""
 
 
 def kl_bound(n: int) -> float:
@@ -85,7 +87,8 @@ def best_of_n_rows(selector: Tensor, ground_truth: Tensor, lengths: Tensor, ns: 
 
     For each N the kept draw of a prompt is the first argmax of ``selector`` over its first N
     draws; the row holds the mean ground truth of the kept draws, the KL numbers of the module
-    docstring and the mean length of the kept draws.
+    docstring, the mean length of the kept draws and ``selector_score``, the mean selector score of
+    the kept draws (the proxy reward, for the over-optimisation plot of notebook 04).
     """
     if max(ns) > selector.shape[1]:
         raise ValueError(f"N = {max(ns)} needs at least that many draws per prompt, got {selector.shape[1]}")
@@ -98,6 +101,7 @@ def best_of_n_rows(selector: Tensor, ground_truth: Tensor, lengths: Tensor, ns: 
         rows.append({"hyperparameter": n, "reward": reward, "reward_se": reward_se, "kl": kl_mean, "kl_se": kl_se,
                      "kl_sample": log_ratio.mean().item(), "kl_bound": kl_bound(n),
                      "length": lengths.gather(1, kept[:, None]).double().mean().item(),
+                     "selector_score": selector.gather(1, kept[:, None]).double().mean().item(),
                      "n_prompts": selector.shape[0]})
     return rows
 
@@ -184,5 +188,6 @@ def best_of_n(world, reward_model_path: str | Path | None = None, ns: Sequence[i
         with storage.atomic_path(folder / RESULTS_FILE) as tmp:
             pd.DataFrame(rows).to_csv(tmp, index=False)
 
-    folder = storage.cached_artifact(profile.name, "best_of_n", {"samples": samples.name, "ns": ns}, write_results)
+    folder = storage.cached_artifact(profile.name, "best_of_n", {"samples": samples.name, "ns": ns, "columns": ROWS_VERSION},
+                                     write_results)
     return pd.read_csv(folder / RESULTS_FILE)

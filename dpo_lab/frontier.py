@@ -21,15 +21,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
 from dpo_lab import storage
 from dpo_lab.analysis import (
+    achieved_kl,
     best_reward_at_budgets,
     check_results,
     completion_lengths,
     dominated_share,
+    reward_at_matched_kl,
     with_kl_per_token,
 )
 from dpo_lab.methods import REGISTRY, RunRequest, get_method, swept_methods
@@ -131,36 +134,59 @@ def run_sweep(profile: Profile, methods: Sequence[str] | None = None, device: st
     return table
 
 
-def write_report(profile: Profile, table: pd.DataFrame) -> list[Path]:
-    """Draw the frontier and training curves into ``figures/`` and the analysis into the results folder.
+def matched_kl_table(table: pd.DataFrame, kls, kl_column: str = "kl") -> pd.DataFrame:
+    """:func:`dpo_lab.analysis.reward_at_matched_kl` as a method-by-KL table of ``reward ± se`` strings."""
+    matched = reward_at_matched_kl(table, kls, kl_column)
+    cells = [f"{r:.3f} ± {se:.3f}" if np.isfinite(r) else "-" for r, se in zip(matched["reward"], matched["reward_se"])]
+    label = "kl/token" if kl_column == "kl_per_token" else "KL"
+    return matched.assign(cell=cells, at=[f"{label} {k:g}" for k in matched["kl"]]).pivot(
+        index="method", columns="at", values="cell").reindex(index=list(dict.fromkeys(matched["method"])),
+                                                             columns=list(dict.fromkeys(f"{label} {k:g}" for k in kls)))
 
-    Returns the paths written. The analysis holds, per method, the best reward within each KL
-    budget of ``profile.sweep.kl_budgets``, and the share of PPO/PPO-GT points dominated by DPO;
-    then the same per completion token (``kl_per_token_budgets``) beside the mean completion
-    length of each method's last checkpoints, since sequence KL grows with length.
+
+def analysis_text(profile: Profile, table: pd.DataFrame) -> str:
+    """The markdown of ``analysis.md``: budgets, matched KL, domination and PPO's achieved KL, then per token.
+
+    Every figure counts distinct trained checkpoints (:func:`dpo_lab.analysis.distinct_checkpoints`).
+    """
+    sweep, per_token = profile.sweep, with_kl_per_token(table)
+
+    def block(frame) -> list[str]:
+        return ["```", frame.to_string(float_format="{:.3f}".format, na_rep="-"), "```", ""]
+
+    return "\n".join([
+        f"# Frontier analysis ({profile.name} profile)", "",
+        "Every figure counts distinct trained checkpoints: the SFT point (step 0) is no method's checkpoint, and "
+        "a checkpoint that several PPO runs share (their KL controllers agree until the KL nears the targets) "
+        "counts once.", "",
+        "Highest ground-truth reward among each method's checkpoints within each sequence-KL budget (- : none):", "",
+        *block(best_reward_at_budgets(table, sweep.kl_budgets)),
+        "Reward at matched sequence KL: each method's Pareto frontier interpolated linearly between neighbouring "
+        "checkpoints (± the standard error, interpolated alike); - where the KL is outside the method's own range:",
+        "", *block(matched_kl_table(table, sweep.matched_kls)),
+        "Share of PPO / PPO-GT checkpoints dominated by a DPO checkpoint (lower or equal KL, higher or equal reward):",
+        "", *block(dominated_share(table)),
+        "KL reached by the adaptive controller (sequence KL at the last checkpoint, and the range over the last 3):",
+        "", *block(achieved_kl(table)),
+        "## Per completion token (an analysis added after the sequence-level result disagreed with the paper)", "",
+        "Sequence KL grows with the number of generated tokens. Mean completion length (tokens) of the SFT "
+        "policy and of each method's last checkpoints:", "",
+        *block(completion_lengths(table)),
+        "Highest reward within each budget of KL per token (sequence KL / mean length):", "",
+        *block(best_reward_at_budgets(per_token, sweep.kl_per_token_budgets, kl_column="kl_per_token")),
+        "Share of PPO / PPO-GT checkpoints dominated by a DPO checkpoint in (KL per token, reward):", "",
+        *block(dominated_share(per_token, kl_column="kl_per_token"))])
+
+
+def write_report(profile: Profile, table: pd.DataFrame) -> list[Path]:
+    """Draw the frontier and training curves into ``figures/`` and write :func:`analysis_text` to the results folder.
+
+    Returns the paths written.
     """
     table = check_results(table, source=str(results_path(profile.name)))
     figures = storage.figures_dir()
     plot_frontier(table, title=f"Reward vs KL, {profile.name} profile", save_to=figures / f"frontier_{profile.name}")
     plot_training_curves(table, save_to=figures / f"training_curves_{profile.name}")
-    trained = with_kl_per_token(table[table["step"] > 0])
-
-    def block(frame) -> list[str]:
-        return ["```", frame.to_string(float_format="{:.3f}".format), "```", ""]
-
     report = results_path(profile.name).with_name("analysis.md")
-    storage.write_text_atomic(report, "\n".join([
-        f"# Frontier analysis ({profile.name} profile)", "",
-        "Highest ground-truth reward among checkpoints within each KL budget:", "",
-        *block(best_reward_at_budgets(table, profile.sweep.kl_budgets)),
-        "Share of PPO / PPO-GT checkpoints dominated by a DPO checkpoint (lower or equal KL, higher or equal reward):",
-        "", *block(dominated_share(trained)),
-        "## Per completion token", "",
-        "Sequence KL grows with the number of generated tokens. Mean completion length (tokens) of the SFT "
-        "policy and of each method's last checkpoints:", "",
-        *block(completion_lengths(table)),
-        "Highest reward within each budget of KL per token (sequence KL / mean length):", "",
-        *block(best_reward_at_budgets(trained, profile.sweep.kl_per_token_budgets, kl_column="kl_per_token")),
-        "Share of PPO / PPO-GT checkpoints dominated by a DPO checkpoint in (KL per token, reward):", "",
-        *block(dominated_share(trained, kl_column="kl_per_token"))]))
+    storage.write_text_atomic(report, analysis_text(profile, table) + "\n")
     return [figures / f"frontier_{profile.name}.png", figures / f"training_curves_{profile.name}.png", report]

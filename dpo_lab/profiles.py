@@ -334,7 +334,7 @@ class SweepSpec(Checked):
 
     RULES = {"dpo_betas": each(POSITIVE), "ppo_target_kls": each(POSITIVE), "unlikelihood_alphas": each(NON_NEGATIVE),
              "preferred_ft_seeds": each(at_least(0)), "best_of_n": each(at_least(1)), "kl_budgets": each(POSITIVE),
-             "kl_per_token_budgets": each(POSITIVE)}
+             "kl_per_token_budgets": each(POSITIVE), "matched_kls": each(POSITIVE)}
 
     dpo_betas: tuple[float, ...] = (0.05, 0.1, 1.0, 5.0)
     """DPO beta values (the paper's)."""
@@ -350,6 +350,8 @@ class SweepSpec(Checked):
     """KL budgets at which the analysis reports each method's best reward."""
     kl_per_token_budgets: tuple[float, ...] = (0.1, 0.2, 0.4)
     """The same in KL per completion token (sequence KL / mean length), where lengths differ between methods."""
+    matched_kls: tuple[float, ...] = (2.0, 4.0, 6.0, 8.0)
+    """Sequence KLs at which the analysis reads every method's frontier (interpolated; NaN outside its range)."""
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 
 from dpo_lab.analysis import (
+    achieved_kl,
     best_reward_at_budgets,
     check_results,
     completion_lengths,
@@ -14,7 +15,7 @@ from dpo_lab.analysis import (
     reward_at_matched_kl,
     with_kl_per_token,
 )
-from dpo_lab.plots import plot_frontier, plot_training_curves
+from dpo_lab.plots import plot_frontier, plot_overoptimisation, plot_training_curves
 
 
 def _table():
@@ -152,3 +153,26 @@ def test_training_curve_legends_sort_numerically():
     fig = plot_training_curves(table)
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert labels == ["target_kl=3", "target_kl=6", "target_kl=9", "target_kl=12"]
+
+
+def test_achieved_kl_reports_the_last_checkpoints_of_each_run():
+    table = _with_a_duplicated_run(_table())
+    kl = achieved_kl(table, last=2)
+    ppo = kl.loc["ppo"].set_index("target KL")
+    assert ppo.loc[6.0, "final KL"] == 6.0 and ppo.loc[6.0, "min of last 2"] == 3.0
+    assert ppo.loc[9.0, "final KL"] == 9.0 and ppo.loc[9.0, "max of last 2"] == 9.0
+    assert kl.loc["ppo-gt", "final KL"] == 7.0
+
+
+def test_overoptimisation_plot_reads_gold_and_proxy_on_separate_axes(tmp_path):
+    bon = pd.DataFrame({"hyperparameter": [1, 4, 16], "kl": [0.0, 0.64, 1.8], "reward": [0.6, 0.75, 0.8],
+                        "selector_score": [0.0, 1.0, 2.0]})
+    metrics = pd.DataFrame({"target": [3.0] * 6 + [6.0] * 6, "step": list(range(1, 7)) * 2,
+                            "kl": np.linspace(0, 6, 12), "score": np.linspace(0, 3, 12)})
+    evaluations = pd.DataFrame({"hyperparameter": [3.0, 3.0, 6.0, 6.0], "step": [0, 6, 0, 6],
+                                "kl": [0.0, 3.1, 0.0, 6.2], "reward": [0.6, 0.8, 0.6, 0.85]})
+    fig = plot_overoptimisation(bon, metrics, evaluations, save_to=tmp_path / "over")
+    assert (tmp_path / "over.png").exists()
+    assert len(fig.axes) == 4  # two panels, each with a twin axis for r_phi
+    assert all(ax.get_xlabel() and ax.get_ylabel() for ax in fig.axes[:2])
+    assert "r_phi" in fig.axes[2].get_ylabel() and "r*" in fig.axes[0].get_ylabel()
