@@ -53,9 +53,7 @@ def main(argv: list[str]) -> None:
           f"{'total s':>7} {'gen tokens/s':>12} {'samples/s':>9}")
     for iteration in range(1, args.iterations + 1):
         prompts = rollout_prompts(pipeline.world.train_prompts, iteration, spec.rollout_size, seed=0)
-        m = ppo_iteration(ppo.model, ppo.reference, ppo.optimizer, ppo.tokenizer, prompts, ppo.score,
-                          ppo.score_source, normalise, kl_control, spec, sampling.max_new_tokens, sampling.batch_size,
-                          ppo.accelerator)
+        m = ppo_iteration(ppo, prompts, normalise, kl_control, sampling.max_new_tokens, sampling.batch_size)
         total = m["time_generation"] + m["time_scoring"] + m["time_logprobs"] + m["time_optimisation"]
         print(f"{iteration:>9} {m['time_generation']:>12.2f} {m['time_scoring']:>9.2f} {m['time_logprobs']:>11.2f} "
               f"{m['time_optimisation']:>14.2f} {total:>7.2f} {m['generated_tokens_per_s']:>12.0f} "

@@ -98,6 +98,14 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
 # ---------------------------------------------------------------------------------------
 
 
+def ordered_share(reward_chosen: Tensor, reward_rejected: Tensor) -> Tensor:
+    """Share of pairs a reward orders right, r_w > r_l, a tie counting half (0-d tensor; inputs (B,)).
+
+    At the start of DPO every implicit reward is 0 (pi = pi_ref): all ties, so 0.5, not 0.
+    """
+    return ((reward_chosen > reward_rejected).float() + 0.5 * (reward_chosen == reward_rejected).float()).mean()
+
+
 def bradley_terry_loss(reward_chosen: Tensor, reward_rejected: Tensor) -> Tensor:
     """Reward-model negative log-likelihood, Eq. 2: mean_i -log sigmoid(r_w,i - r_l,i).
 

@@ -220,3 +220,16 @@ def test_nan_score_stops_the_run_and_it_resumes(ci_world, one_thread, monkeypatc
     metrics = [m.drop(columns=[c for c in m.columns if c.startswith("time_") or c in timing])
                for m in (fresh.metrics(), resumed.metrics())]
     pd.testing.assert_frame_equal(*metrics)
+
+
+def test_ppo_logs_the_gold_score_of_its_rollouts(ci_world, gt_runs, one_thread):
+    """r_phi and r* on the same rollouts, every iteration: the data of the over-optimisation plot (notebook 04)."""
+    from dpo_lab.pipeline import Pipeline
+
+    spec = dataclasses.replace(ci_world.profile.ppo, iterations=2, eval_every=2)
+    run = train_ppo(ci_world, target_kl=4.0, use_ground_truth=False, reward_model_path=Pipeline(ci_world.profile)
+                    .reward_model, overrides=spec, progress=False)
+    metrics = run.metrics()
+    assert metrics["gold_score"].between(0.0, 1.0).all() and len(metrics) == 2
+    assert not metrics["gold_score"].equals(metrics["score"])  # r_phi is not on the scale of p(positive)
+    assert "gold_score" not in gt_runs[min(gt_runs)].metrics()  # PPO-GT's score already is r*

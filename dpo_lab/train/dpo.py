@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 
 from dpo_lab import lm, runtime, storage
 from dpo_lab.guards import check_finite
-from dpo_lab.losses import LOSS_TYPES, dpo_loss, preferred_ft_loss, unlikelihood_loss
+from dpo_lab.losses import LOSS_TYPES, dpo_loss, ordered_share, preferred_ft_loss, unlikelihood_loss
 from dpo_lab.preferences import load_preferences
 from dpo_lab.profiles import OfflineTrainSpec
 from dpo_lab.runs import Checkpointer, Run, start_or_resume, training_run
@@ -140,7 +140,7 @@ class Objective:
                 losses, reward_w, reward_l = dpo_loss(chosen, rejected, reference[:, 0], reference[:, 1], self.beta,
                                                       self.loss_type, self.label_smoothing)
                 stats |= {"rewards/chosen": reward_w.mean(), "rewards/rejected": reward_l.mean(),
-                          "rewards/accuracy": (reward_w > reward_l).float().mean(),
+                          "rewards/accuracy": ordered_share(reward_w, reward_l),
                           "rewards/margin": (reward_w - reward_l).mean(),
                           "dpo_weight": torch.sigmoid(reward_l - reward_w).mean()}
         loss = losses.mean()

@@ -264,10 +264,14 @@ def teacher_forced(model: PolicyWithValue, reference: nn.Module, batch: dict[str
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
-def collect_rollout(model: PolicyWithValue, reference: nn.Module, tokenizer, prompts: list[list[int]],
-                    score: ScoreFn, score_source: str, normalise: ScoreNormaliser, kl_coef: float, spec: PPOSpec,
-                    max_new_tokens: int, generation_batch_size: int, accelerator: Accelerator) -> Rollout:
-    """Steps 1-3 of the module docstring for one batch of ``prompts``: sample, score, reward, GAE."""
+def collect_rollout(ppo: PPOSetup, prompts: list[list[int]], normalise: ScoreNormaliser, kl_coef: float,
+                    max_new_tokens: int, generation_batch_size: int) -> Rollout:
+    """Steps 1-3 of the module docstring for one batch of ``prompts``: sample, score, reward, GAE.
+
+    With a learned reward, the rollouts are also scored by the ground truth (``gold_score`` in the
+    stats; it does not enter training): r_phi and r* on the same samples, for over-optimisation.
+    """
+    model, reference, tokenizer, spec, accelerator = ppo.model, ppo.reference, ppo.tokenizer, ppo.spec, ppo.accelerator
     policy = accelerator.unwrap_model(model).policy
     timer = time.perf_counter()
     with accelerator.autocast():
@@ -275,10 +279,12 @@ def collect_rollout(model: PolicyWithValue, reference: nn.Module, tokenizer, pro
                                             eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
                                             batch_size=generation_batch_size)
     time_generation = time.perf_counter() - timer
-    scores = score(prompts, completions).float().cpu()
+    scores = ppo.score(prompts, completions).float().cpu()
     check_finite_scores(scores, lambda i: f"prompt {tokenizer.decode(prompts[i])!r} with completion "
-                                          f"{tokenizer.decode(completions[i])!r}", score_source)
+                                          f"{tokenizer.decode(completions[i])!r}", ppo.score_source)
     time_scoring = time.perf_counter() - timer - time_generation
+    gold = {} if ppo.uses_ground_truth else {"gold_score": score_ids(ppo.ground_truth, tokenizer, prompts,
+                                                                     completions).float().mean().item()}
 
     batch = rollout_batch(prompts, completions, tokenizer.pad_token_id)
     batch = {k: v.to(accelerator.device) for k, v in batch.items()}
@@ -296,6 +302,7 @@ def collect_rollout(model: PolicyWithValue, reference: nn.Module, tokenizer, pro
     stats = {
         "score": scores.mean().item(),
         "score_std": scores.std().item(),
+        **gold,
         "kl": sequence_kl(out["kl"], mask).mean().item(),
         "kl_sample": sequence_kl(out["logprobs"] - out["ref_logprobs"], mask).mean().item(),
         "kl_coef": kl_coef,
@@ -348,15 +355,11 @@ def optimise(model: PolicyWithValue, optimizer: torch.optim.Optimizer, rollout: 
     return stats
 
 
-def ppo_iteration(model: PolicyWithValue, reference: nn.Module, optimizer: torch.optim.Optimizer, tokenizer,
-                  prompts: list[list[int]], score: ScoreFn, score_source: str, normalise: ScoreNormaliser,
-                  kl_control: KLController,
-                  spec: PPOSpec, max_new_tokens: int, generation_batch_size: int,
-                  accelerator: Accelerator) -> dict[str, float]:
+def ppo_iteration(ppo: PPOSetup, prompts: list[list[int]], normalise: ScoreNormaliser, kl_control: KLController,
+                  max_new_tokens: int, generation_batch_size: int) -> dict[str, float]:
     """One PPO iteration (rollout, optimisation, KL control); returns its logged metrics."""
-    rollout = collect_rollout(model, reference, tokenizer, prompts, score, score_source, normalise, kl_control.value, spec,
-                              max_new_tokens, generation_batch_size, accelerator)
-    metrics = {**rollout.stats, **optimise(model, optimizer, rollout, spec, accelerator)}
+    rollout = collect_rollout(ppo, prompts, normalise, kl_control.value, max_new_tokens, generation_batch_size)
+    metrics = {**rollout.stats, **optimise(ppo.model, ppo.optimizer, rollout, ppo.spec, ppo.accelerator)}
     kl_control.update(metrics["kl"], len(prompts))
     seconds = sum(v for k, v in metrics.items() if k.startswith("time_"))
     return {**metrics, "samples_per_s": len(prompts) / seconds}
@@ -381,6 +384,8 @@ class PPOSetup:
     """Names the training reward in error messages."""
     spec: PPOSpec
     """The run's PPO settings."""
+    uses_ground_truth: bool
+    """PPO-GT: ``score`` is the ground truth itself."""
 
 
 def setup(world, spec: PPOSpec, *, use_ground_truth: bool, reward_model_path: Path | None,
@@ -399,7 +404,8 @@ def setup(world, spec: PPOSpec, *, use_ground_truth: bool, reward_model_path: Pa
     else:
         score, source = load_reward_model(reward_model_path, accelerator.device).score, \
             f"the reward model {reward_model_path}"
-    return PPOSetup(accelerator, model, reference, tokenizer, optimizer, ground_truth, score, source, spec)
+    return PPOSetup(accelerator, model, reference, tokenizer, optimizer, ground_truth, score, source, spec,
+                    use_ground_truth)
 
 
 NON_FINITE_CAUSES = ("a learning rate too high for the model (--lr), or a reward scorer that returns NaN or "
@@ -471,9 +477,8 @@ def ppo_loop(ppo: PPOSetup, checkpoint: Checkpointer, kl_control: KLController, 
     for iteration in bar:
         prompts = rollout_prompts(world.train_prompts, iteration, spec.rollout_size, seed)
         with run.stopped_on_non_finite(f"iteration {iteration}", NON_FINITE_CAUSES):
-            metrics = ppo_iteration(ppo.model, ppo.reference, ppo.optimizer, ppo.tokenizer, prompts, ppo.score,
-                                    ppo.score_source, normalise, kl_control, spec, world.profile.sampling.max_new_tokens,
-                                    world.profile.sampling.batch_size, ppo.accelerator)
+            metrics = ppo_iteration(ppo, prompts, normalise, kl_control, world.profile.sampling.max_new_tokens,
+                                    world.profile.sampling.batch_size)
             run.log_metrics(iteration, metrics)
             bar.set_postfix(score=f"{metrics['score']:.3f}", kl=f"{metrics['kl']:.2f}",
                             kl_coef=f"{metrics['kl_coef']:.3g}", refresh=False)

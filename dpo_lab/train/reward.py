@@ -59,7 +59,7 @@ from transformers import AutoModel, PreTrainedModel
 
 from dpo_lab import lm, runtime, sentiment, storage
 from dpo_lab.guards import check_step
-from dpo_lab.losses import bradley_terry_loss
+from dpo_lab.losses import bradley_terry_loss, ordered_share
 from dpo_lab.preferences import load_preferences
 from dpo_lab.profiles import RewardSpec
 
@@ -185,7 +185,7 @@ def pair_accuracy(model: RewardModel, rows: Sequence[tuple], batch_size: int) ->
     prompts, chosen, rejected = zip(*rows)
     rewards = model.raw_rewards(prompts + prompts, chosen + rejected, 2 * batch_size)
     r_w, r_l = rewards[:len(rows)], rewards[len(rows):]
-    accuracy = ((r_w > r_l).float() + 0.5 * (r_w == r_l).float()).mean().item()
+    accuracy = ordered_share(r_w, r_l).item()
     return accuracy, bradley_terry_loss(r_w, r_l).item()
 
 
