@@ -28,13 +28,20 @@ def test_a_partial_last_metrics_line_is_dropped(tmp_path, monkeypatch):
     assert run.metrics()["step"].tolist() == [1, 2]
 
 
-def test_the_previous_checkpoint_is_found_after_a_kill_mid_swap(tmp_path, monkeypatch):
+def _run_with_checkpoints(tmp_path, monkeypatch, evaluated=(5, 6), saved=(5,)):
+    """A run folder in a fresh cache with evaluation rows for ``evaluated`` and checkpoints at ``saved``."""
     monkeypatch.setenv("DPO_LAB_HOME", str(tmp_path))
     model, tokenizer = _tiny_model_and_tokenizer()
     run = Run("ci", "dpo", "beta0.1", {"beta": 0.1})
-    for step in (5, 6):
+    for step in evaluated:
         run.add_evaluation({"step": step, "reward": 0.5})
-    run.save_checkpoint(5, model, tokenizer, {"rng": torch.get_rng_state()})
+    for step in saved:
+        run.save_checkpoint(step, model, tokenizer, {"rng": torch.get_rng_state()})
+    return run, model, tokenizer
+
+
+def test_the_previous_checkpoint_is_found_after_a_kill_mid_swap(tmp_path, monkeypatch):
+    run, model, tokenizer = _run_with_checkpoints(tmp_path, monkeypatch)
     real_replace = os.replace
 
     def killed_after_moving_the_old_one_aside(src, dst):
@@ -58,13 +65,7 @@ def test_the_previous_checkpoint_is_found_after_a_kill_mid_swap(tmp_path, monkey
 
 
 def _run_with_two_checkpoints(tmp_path, monkeypatch):
-    monkeypatch.setenv("DPO_LAB_HOME", str(tmp_path))
-    model, tokenizer = _tiny_model_and_tokenizer()
-    run = Run("ci", "dpo", "beta0.1", {"beta": 0.1})
-    for step in (0, 5):
-        run.add_evaluation({"step": step, "reward": 0.5})
-        run.save_checkpoint(step, model, tokenizer, {"rng": torch.get_rng_state()})
-    return run, model, tokenizer
+    return _run_with_checkpoints(tmp_path, monkeypatch, evaluated=(0, 5), saved=(0, 5))
 
 
 def test_a_bit_flipped_checkpoint_is_reported_and_the_previous_one_used(tmp_path, monkeypatch, caplog):
