@@ -73,10 +73,12 @@ def implicit_reward(policy, reference, beta: float, pad_id: int) -> RewardFn:
 
 
 def sample_and_score(world, rewards: dict[str, RewardFn], k: int = 4, seed: int = 7,
-                     batch_size: int = 64) -> dict[str, Tensor]:
+                     batch_size: int = 64) -> tuple[list[list[int]], dict[str, Tensor]]:
     """K fresh pi_SFT completions of each test prompt, scored by the ground truth and by each of ``rewards``.
 
-    Returns ``{"gold": (P, K), <name>: (P, K), ...}`` for the P test prompts of ``world``.
+    Returns ``(completions, scores)``: the P * K completions (prompt by prompt, K each: completion
+    ``p * K + j`` is the j-th of prompt p) and ``{"gold": (P, K), <name>: (P, K), ...}`` for the P
+    test prompts of ``world``.
     """
     policy, tokenizer = world.load_policy()
     prompts = [p for p in world.test_prompts for _ in range(k)]
@@ -87,7 +89,7 @@ def sample_and_score(world, rewards: dict[str, RewardFn], k: int = 4, seed: int 
     for name, reward in rewards.items():
         scores[name] = torch.cat([reward(prompts[s:s + batch_size], completions[s:s + batch_size])
                                   for s in range(0, len(prompts), batch_size)]).float()
-    return {name: values.view(-1, k) for name, values in scores.items()}
+    return completions, {name: values.view(-1, k) for name, values in scores.items()}
 
 
 def reward_model_agreement(world, reward_model_path, k: int = 4, seed: int = 7) -> dict[str, float]:
@@ -101,7 +103,7 @@ def reward_model_agreement(world, reward_model_path, k: int = 4, seed: int = 7) 
               "sampling": profile.sampling, "prompts": storage.fingerprint(world.test_prompts)}
 
     def build(folder) -> None:
-        scores = sample_and_score(world, {"r_phi": load_reward_model(reward_model_path).score}, k=k, seed=seed)
+        _, scores = sample_and_score(world, {"r_phi": load_reward_model(reward_model_path).score}, k=k, seed=seed)
         metrics = within_prompt_agreement(scores["r_phi"], scores["gold"])
         metrics["cross_prompt_spearman"] = cross_prompt_spearman(scores["r_phi"][:, 0], scores["gold"][:, 0])
         storage.write_json(folder / "metrics.json", {**metrics, "samples_per_prompt": k})

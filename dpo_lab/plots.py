@@ -117,37 +117,34 @@ def plot_score_gaps(gaps: np.ndarray, save_to: str | os.PathLike | None = None) 
 
 
 @styled
-def plot_overoptimisation(best_of_n: pd.DataFrame, ppo_metrics: pd.DataFrame, ppo_evaluations: pd.DataFrame,
+def plot_overoptimisation(best_of_n: pd.DataFrame, ppo_metrics: pd.DataFrame,
                           save_to: str | os.PathLike | None = None) -> plt.Figure:
     """Gold reward r* and proxy reward r_phi against KL, in the style of Gao et al. (2022), Figure 1.
 
-    Left: Best-of-N selected by r_phi (``best_of_n``: rows with ``kl``, ``reward`` = r* and
-    ``selector_score`` = r_phi of the kept draws). Right: PPO against r_phi, one colour per target
-    KL: r* of its evaluated checkpoints (``ppo_evaluations``: ``hyperparameter``, ``kl``,
-    ``reward``; solid) and r_phi of each iteration's rollouts, smoothed over 5 iterations
-    (``ppo_metrics``: ``target``, ``kl``, ``score``; dashed). r* is read on the left axis of each
-    panel, r_phi on the right one: the two rewards have different scales, and over-optimisation
-    shows as r_phi still rising where r* has stopped.
+    Left: Best-of-N selected by r_phi (``best_of_n``: rows with ``hyperparameter`` = N, ``kl``,
+    ``reward`` = r* and ``selector_score`` = r_phi of the kept draws). Right: PPO against r_phi,
+    one colour per target KL (``ppo_metrics``: per iteration ``target``, ``step``, ``kl``,
+    ``score`` = r_phi and ``gold_score`` = r* of the same rollouts), smoothed over 5 iterations.
+    r* (solid) is read on the left axis of each panel, r_phi (dashed) on the right one: the two
+    have different scales, and over-optimisation shows as r_phi still rising where r* has stopped.
     """
     fig, (bon_ax, ppo_ax) = plt.subplots(1, 2, figsize=(11.5, 4.2))
     bon = best_of_n.sort_values("kl")
     bon_ax.plot(bon["kl"], bon["reward"], "o-", color="black", label="r* (gold)")
-    proxy = bon_ax.twinx()
-    proxy.plot(bon["kl"], bon["selector_score"], "s--", color="tab:gray", label="r_phi (proxy)")
+    bon_proxy = bon_ax.twinx()
+    bon_proxy.plot(bon["kl"], bon["selector_score"], "s--", color="tab:gray", label="r_phi (proxy)")
     for n, kl, reward in zip(bon["hyperparameter"], bon["kl"], bon["reward"]):
         bon_ax.annotate(f"N={n:g}", (kl, reward), textcoords="offset points", xytext=(4, -10), fontsize=7)
     bon_ax.set_title("Best-of-N selected by r_phi")
     ppo_proxy = ppo_ax.twinx()
-    targets = sorted(ppo_evaluations["hyperparameter"].unique())
-    colours = sns.color_palette("viridis", len(targets))
-    for target, colour in zip(targets, colours):
-        gold = ppo_evaluations[ppo_evaluations["hyperparameter"] == target].sort_values("step")
-        ppo_ax.plot(gold["kl"], gold["reward"], "o-", color=colour, label=f"target {target:g}: r*")
-        rollouts = ppo_metrics[ppo_metrics["target"] == target].sort_values("step")
-        ppo_proxy.plot(rollouts["kl"].rolling(5, min_periods=1).mean(), rollouts["score"].rolling(5, min_periods=1).mean(),
-                       "--", color=colour, alpha=0.8, label=f"target {target:g}: r_phi")
-    ppo_ax.set_title("PPO against r_phi")
-    for gold_ax, proxy_ax in ((bon_ax, proxy), (ppo_ax, ppo_proxy)):
+    targets = sorted(ppo_metrics["target"].unique())
+    for target, colour in zip(targets, sns.color_palette("viridis", len(targets))):
+        run = ppo_metrics[ppo_metrics["target"] == target].sort_values("step")
+        smooth = run[["kl", "score", "gold_score"]].rolling(5, min_periods=1).mean()
+        ppo_ax.plot(smooth["kl"], smooth["gold_score"], "-", color=colour, label=f"target {target:g}: r*")
+        ppo_proxy.plot(smooth["kl"], smooth["score"], "--", color=colour, label=f"target {target:g}: r_phi")
+    ppo_ax.set_title("PPO against r_phi (training rollouts)")
+    for gold_ax, proxy_ax in ((bon_ax, bon_proxy), (ppo_ax, ppo_proxy)):
         gold_ax.set_xlabel("KL(pi || pi_ref)  [sequence level, nats]")
         gold_ax.set_ylabel("gold reward r*  p(positive)  (solid)")
         proxy_ax.set_ylabel("proxy reward r_phi  [reward-model units]  (dashed)")

@@ -40,7 +40,8 @@ def test_bad_shapes_are_rejected():
 def test_the_implicit_reward_of_pi_ref_against_itself_is_all_ties(ci_world):
     policy, tokenizer = ci_world.load_policy("cpu")
     reward = implicit_reward(policy, policy, beta=0.1, pad_id=tokenizer.pad_token_id)
-    scores = sample_and_score(ci_world, {"implicit": reward}, k=4)
+    completions, scores = sample_and_score(ci_world, {"implicit": reward}, k=4)
+    assert len(completions) == 4 * len(ci_world.test_prompts)
     assert scores["gold"].shape == scores["implicit"].shape == (len(ci_world.test_prompts), 4)
     assert (scores["implicit"] == 0).all()
     assert within_prompt_agreement(scores["implicit"], scores["gold"])["pairwise_accuracy"] == 0.5

@@ -168,11 +168,12 @@ def test_overoptimisation_plot_reads_gold_and_proxy_on_separate_axes(tmp_path):
     bon = pd.DataFrame({"hyperparameter": [1, 4, 16], "kl": [0.0, 0.64, 1.8], "reward": [0.6, 0.75, 0.8],
                         "selector_score": [0.0, 1.0, 2.0]})
     metrics = pd.DataFrame({"target": [3.0] * 6 + [6.0] * 6, "step": list(range(1, 7)) * 2,
-                            "kl": np.linspace(0, 6, 12), "score": np.linspace(0, 3, 12)})
-    evaluations = pd.DataFrame({"hyperparameter": [3.0, 3.0, 6.0, 6.0], "step": [0, 6, 0, 6],
-                                "kl": [0.0, 3.1, 0.0, 6.2], "reward": [0.6, 0.8, 0.6, 0.85]})
-    fig = plot_overoptimisation(bon, metrics, evaluations, save_to=tmp_path / "over")
+                            "kl": np.linspace(0, 6, 12), "score": np.linspace(0, 3, 12),
+                            "gold_score": np.linspace(0.6, 0.8, 12)})
+    fig = plot_overoptimisation(bon, metrics, save_to=tmp_path / "over")
     assert (tmp_path / "over.png").exists()
     assert len(fig.axes) == 4  # two panels, each with a twin axis for r_phi
     assert all(ax.get_xlabel() and ax.get_ylabel() for ax in fig.axes[:2])
     assert "r_phi" in fig.axes[2].get_ylabel() and "r*" in fig.axes[0].get_ylabel()
+    labels = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
+    assert labels == ["target 3: r*", "target 6: r*", "target 3: r_phi", "target 6: r_phi"]
