@@ -46,28 +46,45 @@ def save_figure(fig: plt.Figure, save_to: str | os.PathLike) -> list[Path]:
     return paths
 
 
+def draw_method(ax: plt.Axes, method: str, group: pd.DataFrame, label: str | None = None) -> None:
+    """One method's trained checkpoints (hollow markers, standard-error bars) and its frontier or curve."""
+    _, colour, marker = style(method)
+    trained = group[group["step"] > 0]
+    ax.errorbar(trained["kl"], trained["reward"], xerr=trained["kl_se"], yerr=trained["reward_se"], fmt=marker,
+                color=colour, alpha=0.75, markersize=6, markerfacecolor="none", markeredgewidth=1.2,
+                elinewidth=0.6, linestyle="none", zorder=3)
+    line = group.sort_values("hyperparameter") if is_curve(method) else pareto_frontier(distinct_checkpoints(group))
+    ax.plot(line["kl"], line["reward"], color=colour, linewidth=2, label=label)
+
+
 @styled
 def plot_frontier(table: pd.DataFrame, title: str = "Reward vs KL (IMDb sentiment)",
                   save_to: str | os.PathLike | None = None, ax: plt.Axes | None = None) -> plt.Figure:
     """Every checkpoint as a point with standard-error bars; each method's Pareto frontier as a line.
 
-    The SFT policy (step 0 rows) is drawn once as a black star. A method's frontier joins its own
-    distinct trained checkpoints only, so no line crosses a KL range where the method has none.
-    Best-of-N is drawn as a curve in order of N rather than as a frontier.
+    Points are hollow, in each method's marker shape. Methods whose checkpoints all sit within the
+    first quarter of the KL axis (Unlikelihood and Preferred-FT, near the SFT point) are drawn again
+    in an inset that zooms on them, so that no series hides another. The SFT policy (step 0 rows)
+    is drawn once as a black star. A method's frontier joins its own distinct trained checkpoints
+    only, so no line crosses a KL range where the method has none. Best-of-N is drawn as a curve
+    in order of N rather than as a frontier.
     """
     table = check_results(table)
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(7, 5))
-    for method, group in table.groupby("method", sort=False):
-        label, colour, marker = style(method)
-        trained = group[group["step"] > 0]
-        ax.errorbar(trained["kl"], trained["reward"], xerr=trained["kl_se"], yerr=trained["reward_se"], fmt=marker,
-                    color=colour, alpha=0.45, markersize=5, elinewidth=0.8, linestyle="none")
-        line = group.sort_values("hyperparameter") if is_curve(method) else pareto_frontier(distinct_checkpoints(group))
-        ax.plot(line["kl"], line["reward"], color=colour, linewidth=2, label=label)
+    groups = dict(list(table.groupby("method", sort=False)))
+    for method, group in groups.items():
+        draw_method(ax, method, group, label=style(method)[0])
     sft = table[table["step"] == 0]
     if len(sft):
         ax.errorbar(sft["kl"].mean(), sft["reward"].mean(), yerr=sft["reward_se"].mean(), fmt="*",
                     color="black", markersize=14, label="SFT (pi_ref)", zorder=5)
+    compact = [m for m, g in groups.items() if not is_curve(m) and g["kl"].max() < 0.25 * table["kl"].max()]
+    if compact:
+        inset = ax.inset_axes([0.43, 0.05, 0.27, 0.27])
+        for method in compact:
+            draw_method(inset, method, groups[method])
+        inset.set_title("zoom: " + ", ".join(style(m)[0] for m in compact), fontsize=7)
+        inset.tick_params(labelsize=7)
     ax.set_xlabel("KL(pi || pi_ref)  [sequence level, nats]")
     ax.set_ylabel("ground-truth reward  p(positive)")
     ax.set_title(title)

@@ -177,3 +177,13 @@ def test_overoptimisation_plot_reads_gold_and_proxy_on_separate_axes(tmp_path):
     assert "r_phi" in fig.axes[2].get_ylabel() and "r*" in fig.axes[0].get_ylabel()
     labels = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
     assert labels == ["target 3: r*", "target 6: r*", "target 3: r_phi", "target 6: r_phi"]
+
+
+def test_methods_crowded_near_the_sft_point_get_a_zoomed_inset():
+    crowded = pd.DataFrame([{"method": m, "run_id": f"{m}/x", "hyperparameter_name": "seed", "hyperparameter": 0.0,
+                             "seed": 0, "step": 1, "reward": r, "reward_se": 0.01, "kl": kl, "kl_se": 0.05}
+                            for m, kl, r in (("unlikelihood", 0.5, 0.62), ("preferred-ft", 0.55, 0.63))])
+    fig = plot_frontier(pd.concat([_table(), crowded], ignore_index=True))
+    (inset,) = fig.axes[0].child_axes
+    assert "Preferred-FT" in inset.get_title() and "Unlikelihood" in inset.get_title()
+    assert "DPO" not in inset.get_title()  # spread over the KL axis: no zoom needed
