@@ -190,6 +190,25 @@ def dpo_loss(
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
 
+def plackett_luce_dpo_loss(policy_logps: Tensor, ref_logps: Tensor, beta: float) -> Tensor:
+    """Per-example DPO loss for full rankings (the paper's Appendix A.3): the Plackett-Luce model of
+    Eq. 18 with the implicit reward of Eq. 5 in place of r, as a negative log-likelihood.
+
+    ``policy_logps``, ``ref_logps``: (B, K) summed log-probabilities of K completions of each prompt,
+    **ranked best first**. With the implicit rewards u_k = beta (log pi(y_k) - log pi_ref(y_k)),
+    the loss is -log prod_k exp(u_k) / sum_{j >= k} exp(u_j): the negative log-likelihood of the
+    ranking when the policy's implicit reward plays the Plackett-Luce scores. Returns (B,). For
+    K = 2 it equals Eq. 7, -log sigmoid(u_1 - u_2).
+    """
+    check_same_shape(policy_logps=policy_logps, ref_logps=ref_logps)
+    check_beta(beta)
+    if policy_logps.dim() != 2 or policy_logps.shape[1] < 2:
+        raise ValueError(f"need (B, K) log-probabilities with K >= 2 ranked completions, got {tuple(policy_logps.shape)}")
+    rewards = beta * (policy_logps - ref_logps)
+    remaining = torch.logcumsumexp(rewards.flip(-1), dim=-1).flip(-1)  # log sum_{j >= k} exp(u_j), (B, K)
+    return -(rewards - remaining).sum(-1)
+
+
 # ---------------------------------------------------------------------------------------
 # Baselines of the paper's experiments
 # ---------------------------------------------------------------------------------------

@@ -214,3 +214,21 @@ def test_masked_statistics_ignore_padding() -> None:
 def test_masked_mean_rejects_empty_mask() -> None:
     with pytest.raises(ValueError, match="mask"):
         masked_mean(torch.ones(2, 2), torch.zeros(2, 2))
+
+
+def test_plackett_luce_dpo_is_dpo_for_two_and_the_ranking_likelihood_for_more() -> None:
+    from dpo_lab.bradley_terry import plackett_luce_log_likelihood
+    from dpo_lab.losses import plackett_luce_dpo_loss
+
+    policy = torch.tensor([[-3.0, -4.5], [-2.0, -1.0]], dtype=torch.float64)
+    ref = torch.tensor([[-3.5, -4.0], [-2.2, -1.5]], dtype=torch.float64)
+    pairwise, _, _ = dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], beta=0.5)
+    torch.testing.assert_close(plackett_luce_dpo_loss(policy, ref, beta=0.5), pairwise)
+    # K = 4: minus the Plackett-Luce log-likelihood of the order 0 > 1 > 2 > 3 under scores beta log pi/pi_ref
+    policy4 = torch.tensor([[-1.0, -2.5, -0.5, -3.0]], dtype=torch.float64)
+    ref4 = torch.tensor([[-1.2, -2.0, -1.5, -2.0]], dtype=torch.float64)
+    scores = 0.3 * (policy4 - ref4)[0]
+    expected = -plackett_luce_log_likelihood(scores, [0, 1, 2, 3])
+    torch.testing.assert_close(plackett_luce_dpo_loss(policy4, ref4, beta=0.3)[0], expected)
+    with pytest.raises(ValueError, match="K >= 2"):
+        plackett_luce_dpo_loss(policy4[:, :1], ref4[:, :1], beta=0.3)
