@@ -60,3 +60,20 @@ def test_sequence_kl_sums_valid_tokens() -> None:
     token_kl = torch.tensor([[0.1, 0.2, 9.0], [0.3, 0.4, 0.5]])
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
     assert sequence_kl(token_kl, mask).tolist() == pytest.approx([0.3, 1.2])
+
+
+def test_chain_rule_sequence_kl_is_the_expected_sum_of_per_token_kls() -> None:
+    """Two-token autoregressive toy: KL over all 9 sequences = KL of token 1 + E_{y1 ~ p}[KL of token 2 | y1]."""
+    g = torch.Generator().manual_seed(0)
+    first_p, first_q = torch.randn(3, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64)
+    second_p = torch.randn(3, 3, generator=g, dtype=torch.float64)
+    second_q = torch.randn(3, 3, generator=g, dtype=torch.float64)
+    log_p1, log_q1 = first_p.log_softmax(-1), first_q.log_softmax(-1)
+    seq_logp = log_p1[:, None] + second_p.log_softmax(-1)
+    seq_logq = log_q1[:, None] + second_q.log_softmax(-1)
+    enumerated = (seq_logp.exp() * (seq_logp - seq_logq)).sum()
+    y1 = torch.arange(3)
+    token1, _, _ = token_kl_and_logps(first_p.expand(3, 3), first_q.expand(3, 3), y1)   # the same KL, 3 times
+    token2, _, _ = token_kl_and_logps(second_p, second_q, y1)                        # KL of token 2 given y1
+    expected_sum = (log_p1.exp() * (token1 + token2)).sum()
+    torch.testing.assert_close(expected_sum.double(), enumerated, rtol=1e-5, atol=1e-6)  # token KLs are float32
