@@ -81,3 +81,19 @@ def test_no_function_is_over_60_lines():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
             and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
     assert long == []
+
+
+def test_the_readme_equation_map_names_tests_and_functions_that_exist():
+    import importlib
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    table = readme[readme.index("### Equation map"):readme.index("## The pipeline")]
+    tests = re.findall(r"`(test_\w+\.py)::(test_\w+)`", table)
+    functions = re.findall(r"`(\w+)\.(\w+)`", table)
+    assert len(tests) >= 12 and functions
+    for file, name in tests:
+        assert f"def {name}(" in (root / "tests" / file).read_text(), f"{file}::{name}"
+    for module, name in functions:  # `bandit.objective`: a function of dpo_lab.bandit
+        assert hasattr(importlib.import_module(f"dpo_lab.{module}"), name), f"dpo_lab.{module}.{name}"
