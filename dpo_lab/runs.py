@@ -153,10 +153,8 @@ class Run:
 
     def add_evaluation(self, row: dict[str, Any]) -> None:
         """Record one checkpoint's evaluation row (replacing an earlier row of the same step)."""
-        table = self.evaluations()
-        if len(table):
-            table = table[table["step"] != row["step"]]
-        table = pd.concat([table, pd.DataFrame([row])], ignore_index=True).sort_values("step")
+        kept = [r for r in self.evaluations().to_dict("records") if r["step"] != row["step"]]
+        table = pd.DataFrame([*kept, row]).sort_values("step")  # from records: integer columns stay integers
         with storage.atomic_path(self.path / "evaluations.csv") as tmp:
             table.to_csv(tmp, index=False)
 

@@ -100,3 +100,14 @@ def test_a_finished_run_that_lost_its_evaluations_is_trained_again(tmp_path, mon
         assert not run.finished
     assert "evaluations.csv is missing" in caplog.text
     assert not (run.path / "final").exists()  # trained again from scratch: deterministic, the same rows
+
+
+def test_evaluation_rows_keep_their_columns_and_integer_types(tmp_path, monkeypatch):
+    monkeypatch.setenv("DPO_LAB_HOME", str(tmp_path))
+    run = Run("ci", "dpo", "beta0.1", {"beta": 0.1})
+    for step in (5, 0, 5):
+        run.add_evaluation({"run_id": run.run_id, "seed": 0, "step": step, "reward": 0.5 + step, "n_prompts": 512})
+    table = run.evaluations()
+    assert table.columns.tolist() == ["run_id", "seed", "step", "reward", "n_prompts"]
+    assert table["step"].tolist() == [0, 5] and table["reward"].tolist() == [0.5, 5.5]
+    assert (table["seed"].dtype.kind, table["n_prompts"].dtype.kind) == ("i", "i")
