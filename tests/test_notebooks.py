@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+SOLUTIONS = NOTEBOOK_DIR / "solutions"
 
 
 def _code_cells(path: Path) -> list[dict]:
@@ -51,5 +53,22 @@ def test_committed_notebook_is_executed_and_follows_the_conventions(path):
     intro = "".join(cells[0]["source"]).lower()
     assert cells[0]["cell_type"] == "markdown" and "run time" in intro and "learn" in intro
     assert "__version__" in "".join(code[0]["source"]), "the first code cell prints the versions"
-    assert any("exercise" in "".join(c["source"]).lower() for c in cells if c["cell_type"] == "markdown")
-    assert any(c["metadata"].get("jupyter", {}).get("source_hidden") for c in code), "solutions kept out of sight"
+    exercises = [i for i, c in enumerate(cells) if c["cell_type"] == "markdown" and "## Exercises" in "".join(c["source"])]
+    assert exercises, "an Exercises section"
+    assert f"(solutions/{path.name})" in "".join(cells[exercises[0]]["source"]), "a link to the solutions"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_notebook_has_a_solution_notebook_and_keeps_no_solution_itself(path):
+    solution = SOLUTIONS / path.name
+    assert solution.exists(), f"no {solution.relative_to(NOTEBOOK_DIR.parent)}"
+    cells = json.loads(path.read_text())["cells"]
+    assert not [c for c in cells if "solution" in c["metadata"].get("tags", [])], "a solution cell in the main notebook"
+    assert not [c for c in _code_cells(path) if "".join(c["source"]).lstrip().lower().startswith("# solution")]
+    exercises = next(i for i, c in enumerate(cells) if c["cell_type"] == "markdown" and "## Exercises" in "".join(c["source"]))
+    assert all(c["cell_type"] == "markdown" for c in cells[exercises:]), "code (an answer) after the exercises"
+    solved = json.loads(solution.read_text())["cells"]
+    assert f"%run ../{path.name}" in "".join(solved[1]["source"]), "the solutions run their notebook first"
+    code = [c for c in solved[2:] if c["cell_type"] == "code"]
+    assert code and all(c["execution_count"] is not None for c in code), "executed solutions"
+    assert not [o for c in code for o in c["outputs"] if o["output_type"] == "error"], "error output"
