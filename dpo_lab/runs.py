@@ -99,10 +99,9 @@ class Run:
         """What is wrong with a finished run's ``evaluations.csv`` (missing, unreadable, short of steps), or None."""
         if not (self.path / "evaluations.csv").exists():
             return "evaluations.csv is missing"
-        try:
-            steps = set(self.evaluations()["step"])
-        except (OSError, ValueError, KeyError) as err:
-            return f"evaluations.csv is unreadable ({type(err).__name__}: {err})"
+        steps = self.evaluated_steps()
+        if steps is None:
+            return "evaluations.csv is unreadable"
         try:
             expected = set(json.loads((self.path / storage.DONE_MARKER).read_text())["steps"])
         except (ValueError, KeyError, TypeError):
@@ -158,6 +157,13 @@ class Run:
         with storage.atomic_path(self.path / "evaluations.csv") as tmp:
             table.to_csv(tmp, index=False)
 
+    def evaluated_steps(self) -> set[int] | None:
+        """The steps ``evaluations.csv`` has rows for (empty if it does not exist), or None if it is unreadable."""
+        try:
+            return set(self.evaluations()["step"])
+        except (OSError, ValueError, KeyError):
+            return None
+
     def evaluations(self) -> pd.DataFrame:
         """The evaluation rows recorded so far (empty if none); an unreadable file raises."""
         path = self.path / "evaluations.csv"
@@ -177,10 +183,7 @@ class Run:
         Sound: its files match their checksums and ``evaluations.csv`` has the row of its step
         (the row is written before the checkpoint). Any other checkpoint is reported and skipped.
         """
-        try:
-            evaluated = set(self.evaluations()["step"])
-        except (OSError, ValueError, KeyError):
-            evaluated = set()
+        evaluated = self.evaluated_steps() or set()
         for name in CHECKPOINTS:
             folder = self.path / name
             if not folder.exists():

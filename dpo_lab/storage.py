@@ -43,7 +43,7 @@ _verified: dict[Path, tuple] = {}
 
 
 class CacheError(OSError):
-    """A cache, results or figures folder that cannot be written, or a cache file that cannot be read."""
+    """A cache, results or figures folder that cannot be written."""
 
 
 def project_root() -> Path:
