@@ -133,11 +133,12 @@ def preference_probabilities(bandit: Bandit) -> Tensor:
     return bt_probability(bandit.rewards[:, :, None], bandit.rewards[:, None, :])
 
 
-def sample_preferences(bandit: Bandit, n: int, seed: int = 0) -> Tensor:
+def sample_preferences(bandit: Bandit, n: int, seed: int = 0, deterministic: bool = False) -> Tensor:
     """Draw ``n`` labelled pairs: x ~ rho, y1, y2 ~ pi_ref(.|x) i.i.d., y1 wins w.p. Eq. 1.
 
-    Returns an (n, 3) LongTensor of rows ``(x, y_w, y_l)``. Ties y1 == y2 are kept; they carry
-    no DPO gradient.
+    ``deterministic``: the response with the higher reward always wins instead (the labels of the
+    sentiment task, where the higher ground-truth score wins). Returns an (n, 3) LongTensor of rows
+    ``(x, y_w, y_l)``. Ties y1 == y2 are kept; they carry no DPO gradient.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got n={n}")
@@ -147,6 +148,8 @@ def sample_preferences(bandit: Bandit, n: int, seed: int = 0) -> Tensor:
     first_wins = torch.rand(n, generator=gen, dtype=DTYPE) < bt_probability(
         bandit.rewards[x, y[:, 0]], bandit.rewards[x, y[:, 1]]
     )
+    if deterministic:
+        first_wins = bandit.rewards[x, y[:, 0]] > bandit.rewards[x, y[:, 1]]
     winner = torch.where(first_wins, y[:, 0], y[:, 1])
     loser = torch.where(first_wins, y[:, 1], y[:, 0])
     return torch.stack([x, winner, loser], dim=1)
@@ -173,13 +176,15 @@ def _lbfgs_polish(logits: Tensor, loss_fn: Callable[[Tensor], Tensor], max_iter:
 
 
 def _dpo_tabular_loss(
-    logits: Tensor, bandit: Bandit, beta: float, pairs: Tensor | None, loss_type: str, label_smoothing: float
+    logits: Tensor, bandit: Bandit, beta: float, pairs: tuple[Tensor, Tensor] | None, loss_type: str,
+    label_smoothing: float
 ) -> Tensor:
     """Eq. 7 for a tabular policy softmax(``logits``) (X, Y).
 
     ``pairs=None``: exact expectation over x ~ rho, y1, y2 ~ pi_ref and Bradley-Terry labels,
     i.e. sum over ordered pairs (y1 chosen) weighted by rho(x) pi_ref(y1|x) pi_ref(y2|x)
-    p(y1 > y2 | x). Otherwise the mean loss over the (n, 3) rows ``(x, y_w, y_l)``.
+    p(y1 > y2 | x). Otherwise ``pairs`` is ``(rows, weights)`` of :func:`_distinct_pairs` and the
+    loss is the mean over the sampled pairs, computed once per distinct row.
     """
     logp = F.log_softmax(logits, dim=-1)
     logref = bandit.ref_probs.log()
@@ -195,9 +200,9 @@ def _dpo_tabular_loss(
             * preference_probabilities(bandit)
         )
     else:
-        x, yw, yl = pairs.unbind(dim=1)
+        rows, weights = pairs
+        x, yw, yl = rows.unbind(dim=1)
         chosen, rejected, ref_chosen, ref_rejected = logp[x, yw], logp[x, yl], logref[x, yw], logref[x, yl]
-        weights = torch.full(x.shape, 1.0 / x.shape[0], dtype=DTYPE)
     losses, _, _ = dpo_loss(
         chosen.reshape(-1),
         rejected.reshape(-1),
@@ -221,6 +226,22 @@ def _check_pairs(bandit: Bandit, pairs: Tensor) -> None:
         raise ValueError(f"pairs index outside the bandit: x must be < {n_prompts}, y < {n_responses}")
 
 
+def _dpo_objective(bandit: Bandit, beta: float, pairs: Tensor | None, loss_type: str,
+                   label_smoothing: float) -> Callable[[Tensor], Tensor]:
+    """The DPO-family loss as a function of the logits (X, Y), inputs validated."""
+    check_beta(beta)
+    if pairs is not None:
+        _check_pairs(bandit, pairs)
+        pairs = _distinct_pairs(pairs)
+    return lambda logits: _dpo_tabular_loss(logits, bandit, beta, pairs, loss_type, label_smoothing)
+
+
+def _distinct_pairs(pairs: Tensor) -> tuple[Tensor, Tensor]:
+    """The distinct rows (m, 3) of (n, 3) ``pairs`` (at most X Y^2) and their shares (m,) of the n rows."""
+    rows, counts = torch.unique(pairs, dim=0, return_counts=True)
+    return rows, counts.to(DTYPE) / pairs.shape[0]
+
+
 def train_dpo_tabular(
     bandit: Bandit,
     beta: float,
@@ -240,17 +261,31 @@ def train_dpo_tabular(
     Optimises with ``steps`` Adam steps at learning rate ``lr`` followed by ``polish_steps``
     L-BFGS iterations (0 disables). Returns the detached policy (X, Y).
     """
-    check_beta(beta)
-    if pairs is not None:
-        _check_pairs(bandit, pairs)
-
-    def loss_fn(logits: Tensor) -> Tensor:
-        return _dpo_tabular_loss(logits, bandit, beta, pairs, loss_type, label_smoothing)
-
+    loss_fn = _dpo_objective(bandit, beta, pairs, loss_type, label_smoothing)
     logits = _adam_iterates(bandit.ref_probs.log(), loss_fn, steps, lr)[-1]
     if polish_steps > 0:
         logits = _lbfgs_polish(logits, loss_fn, polish_steps)
     return torch.softmax(logits, dim=-1)
+
+
+def dpo_tabular_path(
+    bandit: Bandit,
+    beta: float,
+    steps: int,
+    lr: float = 0.1,
+    pairs: Tensor | None = None,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """Every policy Adam visits while minimising a DPO-family loss (Eq. 7 or a variant of
+    :func:`dpo_lab.losses.dpo_loss`), as in :func:`train_dpo_tabular` without the polish.
+
+    Returns (steps + 1, X, Y): pi_ref first, then the policy after each step, so the KL and the
+    distance to pi* can be followed over training (where the loss has no finite minimiser, e.g.
+    DPO on deterministic labels, they keep moving).
+    """
+    loss_fn = _dpo_objective(bandit, beta, pairs, loss_type, label_smoothing)
+    return torch.softmax(torch.stack(_adam_iterates(bandit.ref_probs.log(), loss_fn, steps, lr)), dim=-1)
 
 
 class PolicyGradientResult(NamedTuple):

@@ -8,6 +8,7 @@ import torch
 
 from dpo_lab.bandit import (
     Bandit,
+    dpo_tabular_path,
     expected_reward,
     implied_reward,
     kl_to_ref,
@@ -150,3 +151,27 @@ def test_train_dpo_tabular_rejects_bad_input(bandit: Bandit) -> None:
         train_dpo_tabular(bandit, beta=0.1, loss_type="nope", steps=1)
     with pytest.raises(ValueError, match="pairs"):
         train_dpo_tabular(bandit, beta=0.1, pairs=torch.tensor([[0, 9, 1]]))
+
+
+def test_deterministic_labels_let_the_higher_reward_win(bandit: Bandit) -> None:
+    pairs = sample_preferences(bandit, 2000, seed=3, deterministic=True)
+    x, winner, loser = pairs.unbind(1)
+    distinct = winner != loser
+    assert bool((bandit.rewards[x, winner][distinct] > bandit.rewards[x, loser][distinct]).all())
+
+
+def test_dpo_path_starts_at_the_reference_and_ends_where_training_does(bandit: Bandit) -> None:
+    pairs = sample_preferences(bandit, 500, seed=4)
+    path = dpo_tabular_path(bandit, 0.5, steps=30, pairs=pairs)
+    assert path.shape == (31, *bandit.ref_probs.shape)
+    torch.testing.assert_close(path[0], bandit.ref_probs)
+    torch.testing.assert_close(path[-1], train_dpo_tabular(bandit, 0.5, steps=30, pairs=pairs, polish_steps=0))
+
+
+def test_on_deterministic_labels_dpo_drifts_and_ipo_settles(bandit: Bandit) -> None:
+    """Eq. 7 has no finite minimiser on separable labels; IPO's squared loss has one (notebook 05, section 8)."""
+    pairs = sample_preferences(bandit, 1000, seed=1, deterministic=True)
+    kl = {loss: kl_to_ref(bandit, dpo_tabular_path(bandit, 0.5, steps=400, lr=0.05, pairs=pairs, loss_type=loss))
+          for loss in ("sigmoid", "ipo")}
+    assert kl["sigmoid"][400] > kl["sigmoid"][200] + 0.1
+    assert abs(kl["ipo"][400] - kl["ipo"][200]) < 1e-3
