@@ -51,6 +51,9 @@ class CommonArgs:
                                      SOURCE_ENV_VARS["reward_base"])
     ground_truth: str | None = option("Ground-truth sentiment classifier: a hub id or a save_pretrained folder.",
                                       SOURCE_ENV_VARS["ground_truth"])
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads (0: torch's default, one per "
+                                                                 "core; 1 on a machine busy with other work). "
+                                                                 "Default: $DPO_LAB_THREADS, else the profile's."})
 
 
 def profile_of(common: CommonArgs) -> Profile:
@@ -62,6 +65,8 @@ def profile_of(common: CommonArgs) -> Profile:
     runtime.resolve_device(common.device)
     profile = with_sources(get_profile(common.profile), corpus=common.corpus, policy=common.policy,
                            reward_base=common.reward_base, ground_truth=common.ground_truth)
+    if common.threads is not None:
+        profile = profile.replace(threads=common.threads)
     storage.check_writable(profile.name)
     return profile
 

@@ -27,6 +27,7 @@ from dpo_lab import storage
 
 DEFAULT_PROFILE = "tiny"
 PROFILE_ENV_VAR = "DPO_LAB_PROFILE"
+THREADS_ENV_VAR = "DPO_LAB_THREADS"
 
 
 Rule = tuple[Callable[[Any], bool], str]
@@ -358,7 +359,7 @@ class SweepSpec(Checked):
 class Profile(Checked):
     """A complete scale setting. See the module docstring."""
 
-    RULES = {"mixed_precision": one_of("no", "bf16")}
+    RULES = {"mixed_precision": one_of("no", "bf16"), "threads": at_least(0)}
 
     def check(self) -> None:
         if self.preferences.n_prompts > self.prompts.n_train:
@@ -382,6 +383,9 @@ class Profile(Checked):
     sweep: SweepSpec = field(default_factory=SweepSpec)
     mixed_precision: str = "no"
     """``no`` or ``bf16`` (autocast over fp32 master weights, used on GPUs)."""
+    threads: int = 0
+    """torch CPU threads its models run best at (``benchmarks/threads.py``), set by ``world.prepare``;
+    0 leaves torch's default (one per core). ``--threads`` overrides it."""
 
     def replace(self, **sections) -> Profile:
         """A copy with whole sections or fields swapped, e.g. ``p.replace(offline=...)``."""
@@ -391,6 +395,7 @@ class Profile(Checked):
 TINY = Profile(
     name="tiny",
     description="Offline default: Rotten Tomatoes snippets, ~1M-parameter GPT-2 from scratch, n-gram ground truth (CPU, minutes).",
+    threads=2,
     policy=PolicySpec(sft_epochs=6.0),
     reward=RewardSpec(epochs=1),
     offline=OfflineTrainSpec(lr=3e-4, epochs=0.5, eval_every=40),
@@ -401,6 +406,7 @@ TINY = Profile(
 CI = Profile(
     name="ci",
     description="Test-suite scale: the tiny world cut down to seconds per stage.",
+    threads=1,
     corpus=CorpusSpec(max_train_docs=3000, max_test_docs=400),
     prompts=PromptSpec(n_train=200, n_test=48),
     policy=PolicySpec(vocab_size=512, n_layer=1, n_head=2, n_embd=32, n_positions=64,
@@ -448,13 +454,22 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (CI, TINY, GPT2, PAPER)}
 
 
 def get_profile(name: str | None = None) -> Profile:
-    """The profile called ``name``; with ``None``, ``$DPO_LAB_PROFILE`` or the default ``tiny``."""
+    """The profile called ``name``; with ``None``, ``$DPO_LAB_PROFILE`` or the default ``tiny``.
+
+    ``$DPO_LAB_THREADS``, when set, replaces its ``threads`` (how a notebook runs at another thread count).
+    """
     chosen = name or os.environ.get(PROFILE_ENV_VAR) or DEFAULT_PROFILE
     try:
-        return PROFILES[chosen]
+        profile = PROFILES[chosen]
     except KeyError:
         known = ", ".join(PROFILES)
         raise ValueError(f"unknown profile {chosen!r}; known profiles: {known}") from None
+    threads = os.environ.get(THREADS_ENV_VAR, "").strip()
+    if not threads:
+        return profile
+    if not threads.isdigit():
+        raise ValueError(f"${THREADS_ENV_VAR} must be a whole number >= 0 (0: torch's default), got {threads!r}")
+    return profile.replace(threads=int(threads))
 
 
 SOURCE_ENV_VARS = {"corpus": "DPO_LAB_CORPUS", "policy": "DPO_LAB_POLICY", "reward_base": "DPO_LAB_REWARD_BASE",
@@ -495,14 +510,15 @@ def with_sources(profile: Profile, corpus: str | None = None, policy: str | None
 
 def profile_table() -> str:
     """A plain-text table of the profiles for ``dpo-lab profiles``."""
-    header = ("profile", "corpus", "policy", "ground truth", "train prompts", "test prompts", "precision")
+    header = ("profile", "corpus", "policy", "ground truth", "train prompts", "test prompts", "precision",
+              "CPU threads")
     rows = [header]
     for p in PROFILES.values():
         policy = p.policy.base or f"GPT-2 {p.policy.n_layer}x{p.policy.n_embd} from scratch"
         truth = p.ground_truth.model or "classifier trained on corpus labels"
         corpus = p.corpus.source or p.corpus.name
         rows.append((p.name, corpus, policy, truth, str(p.prompts.n_train), str(p.prompts.n_test),
-                     p.mixed_precision))
+                     p.mixed_precision, str(p.threads) if p.threads else "torch default"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -1,4 +1,4 @@
-"""Device choice and seeding: the two pieces of global state every stage touches.
+"""Device choice, CPU threads and seeding: the pieces of global state every stage touches.
 
 One device decision for every stage: :func:`resolve_device` maps a request (``--device``,
 ``$DPO_LAB_DEVICE`` or nothing) to a ``torch.device``, and :func:`make_accelerator` hands exactly
@@ -20,6 +20,18 @@ from accelerate import Accelerator, PartialState
 DEVICE_ENV_VAR = "DPO_LAB_DEVICE"
 DEVICE_TYPES = ("cpu", "cuda", "mps")
 ACCELERATE_DEVICE_VAR = "ACCELERATE_TORCH_DEVICE"
+
+
+def use_threads(threads: int) -> None:
+    """Run torch's CPU operations on ``threads`` threads (0: leave torch's setting as it is).
+
+    The small models of the CPU profiles lose more to thread contention than they gain from a second
+    thread on a busy machine (``benchmarks/threads.py``), so each profile names its own count.
+    """
+    if threads < 0:
+        raise ValueError(f"threads must be >= 0 (0 keeps torch's default), got {threads}")
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def launched_processes() -> int:

@@ -209,7 +209,10 @@ def prepare(profile: Profile, device: torch.device | str | None = None, progress
 
     A second call with nothing changed only reads the cache (well under a second). Bad input (an
     unreachable hub or PyPI, a malformed local corpus) fails in the first stage, before any training.
+    Sets torch's CPU threads to the profile's ``threads`` (:func:`dpo_lab.runtime.use_threads`), so
+    every stage, notebook and command that starts here runs at the profile's setting.
     """
+    runtime.use_threads(profile.threads)
     return WorldBuilder(profile, device, progress).build()
 
 

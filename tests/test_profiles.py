@@ -88,3 +88,38 @@ def test_every_numeric_knob_has_a_rule():
             bad = (float("nan"),) if typing.get_origin(hints[name]) is tuple else float("nan")
             with pytest.raises(ValueError, match=f"{section.__name__}.{name} must be"):
                 section(**{name: bad})
+
+
+def test_threads_come_from_the_profile_and_the_command_line_overrides_them(monkeypatch):
+    from dpo_lab.cli import CommonArgs, profile_of
+
+    monkeypatch.delenv("DPO_LAB_THREADS", raising=False)
+
+    assert get_profile("ci").threads == 1
+    assert profile_of(CommonArgs(profile="ci")).threads == 1
+    assert profile_of(CommonArgs(profile="ci", threads=2)).threads == 2
+    with pytest.raises(ValueError, match="threads"):
+        profile_of(CommonArgs(profile="ci", threads=-1))
+
+
+def test_threads_env_var_reaches_the_notebooks_and_is_checked(monkeypatch):
+    monkeypatch.setenv("DPO_LAB_THREADS", "2")
+    assert get_profile("ci").threads == 2 and get_profile("tiny").threads == 2
+    monkeypatch.setenv("DPO_LAB_THREADS", "two")
+    with pytest.raises(ValueError, match="DPO_LAB_THREADS"):
+        get_profile("ci")
+
+
+def test_use_threads_sets_torch_and_zero_keeps_it():
+    import torch
+
+    from dpo_lab.runtime import use_threads
+
+    before = torch.get_num_threads()
+    try:
+        use_threads(2)
+        assert torch.get_num_threads() == 2
+        use_threads(0)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

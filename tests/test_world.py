@@ -111,3 +111,14 @@ def test_bit_flipped_sft_weights_are_detected_and_rebuilt(ci_world, isolated_hom
     assert f"{weights.parent.parent}: policy/model.safetensors does not match the checksum" in caplog.text
     assert world.sft_dir == weights.parent
     assert weights.read_bytes() == original  # rebuilt, and SFT is deterministic: the same weights
+
+
+def test_prepare_runs_at_the_profiles_thread_count(ci_world):
+    from dpo_lab.world import prepare
+
+    before = torch.get_num_threads()
+    try:
+        prepare(get_profile("ci").replace(threads=2), progress=False)  # everything cached: reads only
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
