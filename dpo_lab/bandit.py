@@ -145,11 +145,11 @@ def sample_preferences(bandit: Bandit, n: int, seed: int = 0, deterministic: boo
     gen = torch.Generator().manual_seed(seed)
     x = torch.multinomial(bandit.prompt_probs, n, replacement=True, generator=gen)
     y = torch.multinomial(bandit.ref_probs[x], 2, replacement=True, generator=gen)
-    first_wins = torch.rand(n, generator=gen, dtype=DTYPE) < bt_probability(
-        bandit.rewards[x, y[:, 0]], bandit.rewards[x, y[:, 1]]
-    )
+    first, second = bandit.rewards[x, y[:, 0]], bandit.rewards[x, y[:, 1]]
     if deterministic:
-        first_wins = bandit.rewards[x, y[:, 0]] > bandit.rewards[x, y[:, 1]]
+        first_wins = first > second
+    else:
+        first_wins = torch.rand(n, generator=gen, dtype=DTYPE) < bt_probability(first, second)
     winner = torch.where(first_wins, y[:, 0], y[:, 1])
     loser = torch.where(first_wins, y[:, 1], y[:, 0])
     return torch.stack([x, winner, loser], dim=1)
