@@ -31,4 +31,4 @@ def pytest_unconfigure(config):
 def pytest_collection_modifyitems(config, items):
     """Notebooks first (stable: each notebook's cells keep their order). They are the longest files, and
     pytest-xdist hands out files in this order, so two workers finish closer together."""
-    items.sort(key=lambda item: 0 if str(item.fspath).endswith(".ipynb") else 1)
+    items.sort(key=lambda item: 0 if item.path.suffix == ".ipynb" else 1)
