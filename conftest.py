@@ -32,3 +32,23 @@ def pytest_collection_modifyitems(config, items):
     """Notebooks first (stable: each notebook's cells keep their order). They are the longest files, and
     pytest-xdist hands out files in this order, so two workers finish closer together."""
     items.sort(key=lambda item: 0 if item.path.suffix == ".ipynb" else 1)
+
+
+try:
+    from xdist.scheduler import LoadFileScheduling
+except ImportError:  # without pytest-xdist the suite runs in one process and needs no scheduler
+    LoadFileScheduling = None
+
+if LoadFileScheduling is not None:
+    class NotebookWithItsSolutions(LoadFileScheduling):
+        """``--dist loadfile``, except that a notebook and its solution notebook form one work unit.
+
+        Each worker has its own cache, so a solution notebook on another worker would train again
+        everything its notebook (which it contains) trained; on the same worker it finds it all.
+        """
+
+        def _split_scope(self, nodeid: str) -> str:
+            return super()._split_scope(nodeid).replace("notebooks/solutions/", "notebooks/")
+
+    def pytest_xdist_make_scheduler(config, log):
+        return NotebookWithItsSolutions(config, log)

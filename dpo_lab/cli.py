@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-from dpo_lab.profiles import SOURCE_ENV_VARS, Profile, get_profile, profile_table
+from dpo_lab import processes
+from dpo_lab.profiles import PRECISIONS, SOURCE_ENV_VARS, Profile, get_profile, profile_table
 
 DEBUG_ENV_VAR = "DPO_LAB_DEBUG"
 
@@ -54,6 +55,10 @@ class CommonArgs:
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads (0: torch's default, one per "
                                                                  "core; 1 on a machine busy with other work). "
                                                                  "Default: $DPO_LAB_THREADS, else the profile's."})
+    precision: str | None = field(default=None, metadata={
+        "help": "Mixed precision: auto (bf16 on a GPU that has it, else fp16 with gradient scaling; full precision "
+                "on the CPU), no, fp16 or bf16. Default: $DPO_LAB_PRECISION, else the profile's.",
+        "choices": list(PRECISIONS)})
 
 
 def profile_of(common: CommonArgs) -> Profile:
@@ -67,6 +72,8 @@ def profile_of(common: CommonArgs) -> Profile:
                            reward_base=common.reward_base, ground_truth=common.ground_truth)
     if common.threads is not None:
         profile = profile.replace(threads=common.threads)
+    if common.precision is not None:
+        profile = profile.replace(mixed_precision=common.precision)
     storage.check_writable(profile.name)
     return profile
 
@@ -250,6 +257,12 @@ class FrontierArgs:
 
     methods: str | None = field(default=None, metadata={
         "help": "Comma-separated subset of methods to run; default: every method swept in the profile."})
+    jobs: int = field(default=1, metadata={
+        "help": "Runs at once, in local worker processes: one GPU each on a GPU machine, else an equal share of "
+                "the CPU cores each. The upstream artifacts are built first, once."})
+    ray_address: str | None = field(default=None, metadata={
+        "help": "Submit every run as a Ray task: 'auto' (this machine's Ray cluster), HOST:PORT, or 'local' "
+                "(start Ray here). Needs pip install -e \".[ray]\" and a cache folder every node sees."})
 
 
 def run_frontier(argv: list[str]) -> None:
@@ -260,7 +273,11 @@ def run_frontier(argv: list[str]) -> None:
     profile = profile_of(common)
     methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
     sweep_entries(profile, methods)  # validate before any long work
-    table = run_sweep(profile, methods, device=common.device)
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
+    if args.ray_address is not None and args.jobs > 1:
+        raise ValueError("choose --jobs (local worker processes) or --ray-address (a Ray cluster), not both")
+    table = run_sweep(profile, methods, device=common.device, jobs=args.jobs, ray_address=args.ray_address)
     for path in write_report(profile, table):
         print(f"wrote {path}")
 
@@ -344,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dpo-lab: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     report_to_stderr(f"dpo-lab {name}")
+    if not processes.is_main_process():  # under accelerate launch, one process prints the results
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- for the life of the process
     try:
         COMMANDS[name][1](rest)
     except KeyboardInterrupt:

@@ -11,7 +11,8 @@ interrupted run resumes from its checkpoint; and after every run the tidy result
 ``data/results/<profile>/frontier.csv`` is rewritten atomically, each run's rows replacing that
 run's earlier rows (rows of settings no longer in the sweep go at the end), so killing the sweep
 loses nothing that finished, the table never loses rows mid-sweep, and a rerun produces the same
-table.
+table. The runs can execute in parallel, in local worker processes (``jobs``) or on a Ray cluster
+(:mod:`dpo_lab.workers`); this process alone writes the table.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from dpo_lab import storage
+from dpo_lab import storage, workers
 from dpo_lab.analysis import (
     achieved_kl,
     best_reward_at_budgets,
@@ -110,28 +111,65 @@ def write_results(table: pd.DataFrame, path: Path) -> None:
 
 
 def run_sweep(profile: Profile, methods: Sequence[str] | None = None, device: str | None = None,
-              progress: bool = True) -> pd.DataFrame:
-    """Run the sweep (skipping finished runs), rewriting the results table after every run."""
+              progress: bool = True, jobs: int = 1, ray_address: str | None = None) -> pd.DataFrame:
+    """Run the sweep (skipping finished runs), rewriting the results table after every run.
+
+    ``jobs`` > 1 runs that many entries at once in local worker processes, ``ray_address`` submits
+    every entry to a Ray cluster (:mod:`dpo_lab.workers`); either way the upstream artifacts the
+    entries need are built here first, once, and this process alone writes the table, which comes
+    out the same as a sequential sweep's.
+    """
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
     entries = sweep_entries(profile, methods)
     storage.check_writable(profile.name)
-    methods = list(dict.fromkeys(entry.method for entry in entries))
     pipeline = Pipeline(profile, device=device, progress=progress)
+    if jobs > 1 or ray_address:
+        for upstream in dict.fromkeys(get_method(entry.method).needs for entry in entries):
+            getattr(pipeline, upstream)
+    if ray_address:
+        finishing = workers.ray_tasks(profile, entries, ray_address, device)
+    elif jobs > 1:
+        finishing = workers.local_jobs(profile, entries, jobs, device)
+    else:
+        finishing = workers.in_process(profile, entries, pipeline, device, progress)
     path = results_path(profile.name)
-    previous = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=COLUMNS)
-    other_methods = previous[~previous["method"].isin(methods)]
-    pending = previous[previous["method"].isin(methods)]  # earlier rows, kept until their entry reruns
-    finished: list[pd.DataFrame] = []
+    table = ResultsTable(path, [entry.method for entry in entries])
     started = time.time()
-    for entry in tqdm(entries, desc=f"frontier sweep ({profile.name})", disable=not progress):
-        finished.append(entry.run(pipeline, device, progress).assign(profile=profile.name))
-        pending = pending[~entry.rows_in(pending)]
-        write_results(pd.concat([other_methods, pending, *finished], ignore_index=True), path)
-    if len(pending):  # rows of settings no longer in the sweep
-        write_results(pd.concat([other_methods, *finished], ignore_index=True), path)
-    table = pd.read_csv(path)
+    for entry, rows in tqdm(finishing, total=len(entries), desc=f"frontier sweep ({profile.name})",
+                            disable=not progress):
+        table.add(entry, rows.assign(profile=profile.name))
+    table.close()
     if progress:
         print(f"sweep of {len(entries)} runs done in {time.time() - started:.0f} s; table: {path}")
-    return table
+    return pd.read_csv(path)
+
+
+class ResultsTable:
+    """The results table of a sweep in progress, rewritten atomically after every finished run.
+
+    Rows of methods outside the sweep are kept; earlier rows of the sweep's methods are kept until
+    their entry finishes again (so a killed sweep loses no rows), and dropped at :meth:`close` if
+    their setting is no longer in the sweep.
+    """
+
+    def __init__(self, path: Path, methods: Sequence[str]):
+        self.path = path
+        previous = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=COLUMNS)
+        self.other_methods = previous[~previous["method"].isin(methods)]
+        self.pending = previous[previous["method"].isin(methods)]
+        self.finished: list[pd.DataFrame] = []
+
+    def add(self, entry: SweepEntry, rows: pd.DataFrame) -> None:
+        """Record one finished entry's rows (replacing its earlier rows) and rewrite the table."""
+        self.finished.append(rows)
+        self.pending = self.pending[~entry.rows_in(self.pending)]
+        write_results(pd.concat([self.other_methods, self.pending, *self.finished], ignore_index=True), self.path)
+
+    def close(self) -> None:
+        """Drop the earlier rows of settings no longer in the sweep."""
+        if len(self.pending):
+            write_results(pd.concat([self.other_methods, *self.finished], ignore_index=True), self.path)
 
 
 def matched_kl_table(table: pd.DataFrame, kls, kl_column: str = "kl") -> pd.DataFrame:

@@ -82,6 +82,9 @@ class Method:
     """A dataclass of extra ``dpo-lab train`` options, passed to ``train`` as ``request.options``."""
     curve: bool = False
     """All values form one run, drawn in order of the hyperparameter (Best-of-N); no ``train`` command."""
+    needs: str = "pairs"
+    """The last upstream artifact its runs read (a :class:`~dpo_lab.pipeline.Pipeline` attribute: ``world``,
+    ``pairs`` or ``reward_model``), built before a parallel sweep starts its jobs."""
 
 
 REGISTRY: dict[str, Method] = {}
@@ -180,17 +183,17 @@ register(Method("dpo", "Direct Preference Optimization (Eq. 7)", "DPO", "tab:red
                 spec_section="offline", options=OfflineOptions))
 register(Method("ppo", "PPO against the learned reward model (--target-kl)", "PPO", "tab:blue", "s", "target_kl",
                 lambda p: p.sweep.ppo_target_kls, ppo_trainer(False), check=check_target_kl,
-                spec_section="ppo"))
+                spec_section="ppo", needs="reward_model"))
 register(Method("ppo-gt", "PPO against the ground-truth classifier (--target-kl)", "PPO-GT", "tab:green", "s",
                 "target_kl", lambda p: p.sweep.ppo_target_kls, ppo_trainer(True),
-                check=check_target_kl, spec_section="ppo"))
+                check=check_target_kl, spec_section="ppo", needs="world"))
 register(Method("unlikelihood", "the Unlikelihood baseline (--alpha)", "Unlikelihood", "tab:orange", "^", "alpha",
                 lambda p: p.sweep.unlikelihood_alphas, offline_trainer("unlikelihood"), default=1.0,
                 check=lambda v: Objective("unlikelihood", alpha=v), spec_section="offline"))
 register(Method("preferred-ft", "supervised fine-tuning on the chosen completions", "Preferred-FT", "tab:brown", "v",
                 "seed", lambda p: p.sweep.preferred_ft_seeds, offline_trainer("preferred-ft"), spec_section="offline"))
 register(Method("best-of-n", "best-of-N sampling from pi_SFT, selected by r_phi", "Best of N", "tab:gray", "D", "n",
-                lambda p: (float(max(p.sweep.best_of_n)),), train_best_of_n, curve=True))
+                lambda p: (float(max(p.sweep.best_of_n)),), train_best_of_n, curve=True, needs="reward_model"))
 for variant, label, colour in (("ipo", "IPO", "tab:pink"), ("cdpo", "cDPO", "tab:purple"),
                                ("hinge", "SLiC (hinge)", "tab:olive"), ("robust", "rDPO", "tab:cyan")):
     register(dataclasses.replace(REGISTRY["dpo"], name=variant, summary=f"the {label} variant of DPO (--beta)",

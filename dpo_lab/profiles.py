@@ -28,6 +28,7 @@ from dpo_lab import storage
 DEFAULT_PROFILE = "tiny"
 PROFILE_ENV_VAR = "DPO_LAB_PROFILE"
 THREADS_ENV_VAR = "DPO_LAB_THREADS"
+PRECISION_ENV_VAR = "DPO_LAB_PRECISION"
 
 
 Rule = tuple[Callable[[Any], bool], str]
@@ -355,11 +356,15 @@ class SweepSpec(Checked):
     """Sequence KLs at which the analysis reads every method's frontier (interpolated; NaN outside its range)."""
 
 
+PRECISIONS = ("auto", "no", "fp16", "bf16")
+"""Mixed-precision settings a profile (or ``--precision``) may name."""
+
+
 @dataclass(frozen=True)
 class Profile(Checked):
     """A complete scale setting. See the module docstring."""
 
-    RULES = {"mixed_precision": one_of("no", "bf16"), "threads": at_least(0)}
+    RULES = {"mixed_precision": one_of(*PRECISIONS), "threads": at_least(0)}
 
     def check(self) -> None:
         if self.preferences.n_prompts > self.prompts.n_train:
@@ -382,7 +387,9 @@ class Profile(Checked):
     evaluation: EvalSpec = field(default_factory=EvalSpec)
     sweep: SweepSpec = field(default_factory=SweepSpec)
     mixed_precision: str = "no"
-    """``no`` or ``bf16`` (autocast over fp32 master weights, used on GPUs)."""
+    """``auto``, ``no``, ``fp16`` or ``bf16`` (autocast over fp32 master weights; fp16 with gradient scaling).
+    ``auto``: bf16 on a GPU that has it, else fp16 on a GPU, full precision on the CPU
+    (:func:`dpo_lab.runtime.resolve_precision`); ``--precision`` overrides it."""
     threads: int = 0
     """torch CPU threads its models run best at (``benchmarks/threads.py``), set by ``world.prepare``;
     0 leaves torch's default (one per core). ``--threads`` overrides it."""
@@ -437,7 +444,7 @@ GPT2 = Profile(
     ppo=PPOSpec(iterations=150, rollout_size=1024, minibatch_size=64, ppo_epochs=4, lr=1.41e-5, init_kl_coef=0.2,
                 eval_every=10),
     evaluation=EvalSpec(batch_size=128),
-    mixed_precision="bf16",
+    mixed_precision="auto",
 )
 
 PAPER = GPT2.replace(
@@ -456,7 +463,8 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (CI, TINY, GPT2, PAPER)}
 def get_profile(name: str | None = None) -> Profile:
     """The profile called ``name``; with ``None``, ``$DPO_LAB_PROFILE`` or the default ``tiny``.
 
-    ``$DPO_LAB_THREADS``, when set, replaces its ``threads`` (how a notebook runs at another thread count).
+    ``$DPO_LAB_THREADS``, when set, replaces its ``threads`` (how a notebook runs at another thread count),
+    and ``$DPO_LAB_PRECISION`` its ``mixed_precision``.
     """
     chosen = name or os.environ.get(PROFILE_ENV_VAR) or DEFAULT_PROFILE
     try:
@@ -465,11 +473,16 @@ def get_profile(name: str | None = None) -> Profile:
         known = ", ".join(PROFILES)
         raise ValueError(f"unknown profile {chosen!r}; known profiles: {known}") from None
     threads = os.environ.get(THREADS_ENV_VAR, "").strip()
-    if not threads:
-        return profile
-    if not threads.isdigit():
-        raise ValueError(f"${THREADS_ENV_VAR} must be a whole number >= 0 (0: torch's default), got {threads!r}")
-    return profile.replace(threads=int(threads))
+    if threads:
+        if not threads.isdigit():
+            raise ValueError(f"${THREADS_ENV_VAR} must be a whole number >= 0 (0: torch's default), got {threads!r}")
+        profile = profile.replace(threads=int(threads))
+    precision = os.environ.get(PRECISION_ENV_VAR, "").strip()
+    if precision:
+        if precision not in PRECISIONS:
+            raise ValueError(f"${PRECISION_ENV_VAR} must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        profile = profile.replace(mixed_precision=precision)
+    return profile
 
 
 SOURCE_ENV_VARS = {"corpus": "DPO_LAB_CORPUS", "policy": "DPO_LAB_POLICY", "reward_base": "DPO_LAB_REWARD_BASE",

@@ -20,6 +20,11 @@ hashes the run's full configuration, so the same configuration always finds the 
 A checkpoint that fails its checksums, or whose step has no row in ``evaluations.csv``, is
 reported and skipped in favour of the one before it (or a fresh start).
 
+Under several processes (``accelerate launch``) only the main process writes the folder: every
+process builds the same :class:`Run`, but logs, metrics, rows, checkpoints and the final model
+come from the main one (:func:`dpo_lab.processes.is_main_process`), and the configuration records
+the number of processes, so a data-parallel run never shares a folder with a one-process run.
+
 The scaffolding lives here so that resume correctness lives in one place: :func:`training_run`
 (the configuration and the row columns), :func:`start_or_resume` (seed a fresh run, or restore
 the RNG state of its last checkpoint), and :class:`Checkpointer` (at a checkpoint step: evaluate,
@@ -43,7 +48,7 @@ import pandas as pd
 import torch
 from accelerate import Accelerator
 
-from dpo_lab import runtime, storage
+from dpo_lab import processes, runtime, storage
 from dpo_lab.evaluate import evaluate_policy
 from dpo_lab.guards import NonFiniteError
 from dpo_lab.lm import save_causal_lm, write_causal_lm
@@ -66,15 +71,17 @@ class Run:
         self.label = label
         self.run_id = f"{method}/{label}-{storage.fingerprint(self.config)}"
         self.path = storage.profile_dir(profile_name) / "runs" / self.run_id
-        self.path.mkdir(parents=True, exist_ok=True)
         self.columns: dict[str, Any] = {"run_id": self.run_id, "method": method}
         """The identifying columns of every row this run records (see :func:`training_run`)."""
         config_path = self.path / "config.json"
-        if not config_path.exists():
+        if processes.is_main_process() and not config_path.exists():
+            self.path.mkdir(parents=True, exist_ok=True)
             storage.write_json(config_path, self.config)
 
     def log(self, message: str) -> None:
-        """Append a time-stamped line to the run's ``log.txt``."""
+        """Append a time-stamped line to the run's ``log.txt`` (main process only)."""
+        if not processes.is_main_process():
+            return
         with open(self.path / LOG_FILE, "a") as fh:
             fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
 
@@ -127,12 +134,15 @@ class Run:
             message = (f"run {self.run_id} stopped at {where}: {err}; training stopped there and "
                        f"{kept} in {self.path}. Likely causes: {causes}. Rerunning this configuration would repeat "
                        "it: change one of those settings (a changed setting trains in a new folder)")
-            storage.write_text_atomic(self.path / FAILED, message + "\n")
+            if processes.is_main_process():
+                storage.write_text_atomic(self.path / FAILED, message + "\n")
             self.log(message)
             raise type(err)(message) from None
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        """Append one step's training metrics to ``metrics.jsonl``."""
+        """Append one step's training metrics to ``metrics.jsonl`` (main process only)."""
+        if not processes.is_main_process():
+            return
         with open(self.path / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps({"step": step, **metrics}) + "\n")
 
@@ -198,22 +208,31 @@ class Run:
         return None
 
     def finish(self, model, tokenizer) -> Path:
-        """Save the final model, mark the run finished (with its evaluated steps), then drop the checkpoints."""
-        final = save_causal_lm(model, tokenizer, self.path / FINAL_DIR)
-        steps = sorted(int(s) for s in self.evaluations()["step"])
-        storage.write_text_atomic(self.path / storage.DONE_MARKER, json.dumps({"steps": steps}) + "\n")
-        for name in CHECKPOINTS:
-            shutil.rmtree(self.path / name, ignore_errors=True)
+        """Save the final model, mark the run finished (with its evaluated steps), then drop the checkpoints.
+
+        The main process writes; every process returns once it has (the folder of the final model).
+        """
+        final = self.path / FINAL_DIR
+        if processes.is_main_process():
+            save_causal_lm(model, tokenizer, final)
+            steps = sorted(int(s) for s in self.evaluations()["step"])
+            storage.write_text_atomic(self.path / storage.DONE_MARKER, json.dumps({"steps": steps}) + "\n")
+            for name in CHECKPOINTS:
+                shutil.rmtree(self.path / name, ignore_errors=True)
+        processes.wait_for_everyone()
         return final
 
 
 def run_config(world, method: str, seed: int, **entries: Any) -> dict[str, Any]:
     """A run's configuration: what every method shares (profile, method, seed, sampling, evaluation,
-    precision, pi_SFT) plus the method's ``entries`` (its settings, its spec, its upstream artifacts)."""
+    precision, pi_SFT) plus the method's ``entries`` (its settings, its spec, its upstream artifacts),
+    and the number of data-parallel processes when there are several (one process: not recorded,
+    so the folders of one-process runs are what they always were)."""
     profile = world.profile
+    launched = processes.launched_processes()
     return {"profile": profile.name, "method": method, "seed": seed, "sampling": profile.sampling,
             "evaluation": profile.evaluation, "mixed_precision": profile.mixed_precision,
-            "policy": storage.cache_name(world.sft_dir), **entries}
+            "policy": storage.cache_name(world.sft_dir), **entries, **({"processes": launched} if launched > 1 else {})}
 
 
 def training_run(world, method: str, swept: tuple[str, float], seed: int, **entries: Any) -> Run:

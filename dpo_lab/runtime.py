@@ -6,6 +6,9 @@ that device to ``accelerate`` (through its ``ACCELERATE_TORCH_DEVICE`` setting),
 ``accelerator.device`` and the device of ``prepare`` and ``preferences`` are always the same one,
 ``cuda:1`` included. Under ``accelerate launch`` with several processes the launcher assigns one
 device per process and only the device *type* of the request is used.
+
+Mixed precision is chosen by :func:`resolve_precision`: bf16 where the GPU has it, else fp16 with
+gradient scaling. What several processes share is in :mod:`dpo_lab.processes`.
 """
 
 from __future__ import annotations
@@ -16,6 +19,10 @@ import random
 import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
+from accelerate.utils import DataLoaderConfiguration
+
+from dpo_lab.processes import launched_processes
+from dpo_lab.profiles import PRECISIONS
 
 DEVICE_ENV_VAR = "DPO_LAB_DEVICE"
 DEVICE_TYPES = ("cpu", "cuda", "mps")
@@ -34,9 +41,22 @@ def use_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def launched_processes() -> int:
-    """How many processes ``accelerate launch`` (or torchrun) started; 1 for a plain ``python``."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """The mixed precision a run uses: ``requested``, or for ``auto`` the best the device supports.
+
+    ``auto``: bf16 on a GPU that supports it, fp16 (with gradient scaling, by ``accelerate``) on
+    one that does not (a T4, a V100), full precision (``no``) on the CPU and MPS. An explicit
+    ``bf16`` on a CUDA GPU without it raises ``ValueError`` naming ``fp16`` as the way out.
+    """
+    if requested not in PRECISIONS:
+        raise ValueError(f"mixed precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
+    cuda = device.type == "cuda"
+    has_bf16 = cuda and torch.cuda.is_bf16_supported()
+    if requested == "auto":
+        return ("bf16" if has_bf16 else "fp16") if cuda else "no"
+    if requested == "bf16" and cuda and not has_bf16:
+        raise ValueError(f"{torch.cuda.get_device_name(device)} has no bf16; use --precision fp16 (or auto)")
+    return requested
 
 
 def resolve_device(preferred: str | torch.device | None = None) -> torch.device:
@@ -92,9 +112,24 @@ def device_state(preferred: str | torch.device | None = None) -> PartialState:
 
 def make_accelerator(preferred: str | torch.device | None = None, mixed_precision: str = "no",
                      grad_accum: int = 1) -> Accelerator:
-    """An ``Accelerator`` on the device of :func:`device_state`; trainers use its ``.device`` everywhere."""
-    cpu = device_state(preferred).device.type == "cpu"
-    return Accelerator(mixed_precision=mixed_precision, cpu=cpu, gradient_accumulation_steps=grad_accum)
+    """An ``Accelerator`` on the device of :func:`device_state`, at :func:`resolve_precision`'s precision;
+    trainers use its ``.device`` everywhere (fp16 brings ``accelerate``'s gradient scaler). A prepared
+    data loader's batches are split over the processes (``split_batches``), so the global batch is the
+    profile's batch size whatever the number of processes."""
+    device = device_state(preferred).device
+    return Accelerator(mixed_precision=resolve_precision(mixed_precision, device), cpu=device.type == "cpu",
+                       gradient_accumulation_steps=grad_accum,
+                       dataloader_config=DataLoaderConfiguration(split_batches=True))
+
+
+def overflow_checked(accelerator: Accelerator, grad_norm):
+    """The gradient norm a finite-value guard should check: ``grad_norm``, or 0.0 under fp16.
+
+    With fp16 the gradient scaler owns overflow: an infinite norm there means "scale too high",
+    and the scaler skips that optimiser step and lowers the scale, so it is no error. The loss
+    is still checked.
+    """
+    return 0.0 if accelerator.scaler is not None else grad_norm
 
 
 def pick_device(preferred: str | torch.device | None = None) -> torch.device:

@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from dpo_lab import processes
+
 HOME_ENV_VAR = "DPO_LAB_HOME"
 FIGURES_ENV_VAR = "DPO_LAB_FIGURES"
 RESULTS_ENV_VAR = "DPO_LAB_RESULTS"
@@ -313,22 +315,71 @@ def atomic_dir(path: str | os.PathLike, keep_previous: bool = False) -> Iterator
     shutil.rmtree(old, ignore_errors=True)
 
 
-def cached_artifact(profile_name: str, stage: str, config: Any, build: Callable[[Path], None]) -> Path:
+def cached_artifact(profile_name: str, stage: str, config: Any, build: Callable[[Path], None],
+                    collective: bool = False) -> Path:
     """Return the finished folder for ``(stage, config)``, building it first if needed.
 
     ``build(folder)`` writes the artifact into an empty staging folder; ``config.json`` is written
     beside it, then ``MANIFEST.json`` and the ``DONE`` marker, then the folder is renamed into place
     (:func:`atomic_dir`). A finished folder that fails its manifest check is reported and rebuilt.
+
+    Processes that need it at once build it once (:func:`build_lock`). Under ``accelerate launch``
+    (:mod:`dpo_lab.processes`) the main process builds while the others wait, then read it. A ``collective`` build trains data-parallel, so every process takes part:
+    the main one builds into the staging folder, the others into a scratch folder that is dropped.
     """
     final = profile_dir(profile_name) / f"{stage}-{fingerprint(config)}"
-    if is_done(final):
-        problem = manifest_problem(final)
-        if problem is None:
-            return final
+    if collective and processes.launched_processes() > 1:
+        if not finished_artifact(final):
+            if processes.is_main_process():
+                build_artifact(final, config, build)
+            else:
+                with tempfile.TemporaryDirectory() as scratch:
+                    build(Path(scratch))
+        processes.wait_for_everyone()
+        return final
+    with processes.main_process_first(), build_lock(final):
+        if not finished_artifact(final):
+            build_artifact(final, config, build)
+    return final
+
+
+@contextlib.contextmanager
+def build_lock(final: Path) -> Iterator[None]:
+    """Hold an exclusive lock on building ``final`` (a file in ``.locks/`` beside it) for the block.
+
+    Two processes that need the same artifact at once (two jobs of a parallel sweep, two notebooks)
+    then build it once: the second waits, then finds it finished. Where ``fcntl`` does not exist
+    (Windows) the block runs unlocked.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    locks = final.parent / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{final.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def finished_artifact(final: Path) -> bool:
+    """Whether ``final`` is finished and sound (one that fails its manifest check is reported: it will be rebuilt)."""
+    if not is_done(final):
+        return False
+    problem = manifest_problem(final)
+    if problem is not None:
         log.warning("%s: %s; rebuilding it", final, problem)
+    return problem is None
+
+
+def build_artifact(final: Path, config: Any, build: Callable[[Path], None]) -> None:
+    """Build ``final`` in a staging folder (config, artifact, manifest, ``DONE``) and rename it into place."""
     with atomic_dir(final) as partial:
         write_json(partial / "config.json", config)
         build(partial)
         seal(partial)
         write_text_atomic(partial / DONE_MARKER, time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
-    return final

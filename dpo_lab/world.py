@@ -94,13 +94,20 @@ class WorldBuilder:
     """Builds or reuses each stage of the module docstring's table, recording ``{stage: (folder, seconds)}``."""
 
     def __init__(self, profile: Profile, device: torch.device | str | None, progress: bool):
-        self.profile, self.device, self.progress = profile, runtime.pick_device(device), progress
+        """Sets torch's CPU threads to the profile's ``threads`` (:func:`dpo_lab.runtime.use_threads`), so every
+        stage, notebook and command that starts here runs at the profile's setting. The world's profile
+        carries the mixed precision resolved for the device (``auto`` becomes bf16, fp16 or ``no``:
+        :func:`dpo_lab.runtime.resolve_precision`), so cache keys and run folders name the precision used."""
+        runtime.use_threads(profile.threads)
+        self.device, self.progress = runtime.pick_device(device), progress
+        self.profile = profile.replace(mixed_precision=runtime.resolve_precision(profile.mixed_precision, self.device))
         self.stages: dict[str, tuple[Path, float]] = {}
 
-    def stage(self, name: str, config: dict, build) -> Path:
-        """Build or reuse one artifact folder, recording it and the seconds it took."""
+    def stage(self, name: str, config: dict, build, collective: bool = False) -> Path:
+        """Build or reuse one artifact folder, recording it and the seconds it took (``collective``: see
+        :func:`dpo_lab.storage.cached_artifact`)."""
         started = time.time()
-        folder = storage.cached_artifact(self.profile.name, name, config, build)
+        folder = storage.cached_artifact(self.profile.name, name, config, build, collective=collective)
         self.stages[name] = (folder, time.time() - started)
         return folder
 
@@ -188,7 +195,7 @@ class WorldBuilder:
 
         return self.stage("sft", {"policy": storage.keyed(profile.policy, "base"), "mixed_precision": profile.mixed_precision,
                                   "sample_prompts": sample_spec, "corpus": self.corpus_dir.name,
-                                  "tokenizer": self.tokenizer_dir.parent.name}, write)
+                                  "tokenizer": self.tokenizer_dir.parent.name}, write, collective=True)
 
     def build(self) -> World:
         """Every stage in order; the score-spread health check last."""
@@ -209,10 +216,8 @@ def prepare(profile: Profile, device: torch.device | str | None = None, progress
 
     A second call with nothing changed only reads the cache (well under a second). Bad input (an
     unreachable hub or PyPI, a malformed local corpus) fails in the first stage, before any training.
-    Sets torch's CPU threads to the profile's ``threads`` (:func:`dpo_lab.runtime.use_threads`), so
-    every stage, notebook and command that starts here runs at the profile's setting.
+    Threads and precision: see :class:`WorldBuilder` (``dpo-lab prepare`` uses it directly).
     """
-    runtime.use_threads(profile.threads)
     return WorldBuilder(profile, device, progress).build()
 
 

@@ -1,11 +1,12 @@
 """The frontier runner on the ci profile: a cut-down sweep end to end, killed mid-way and resumed."""
 
 import dataclasses
+import shutil
 
 import pandas as pd
 import pytest
 
-from dpo_lab import cli, frontier, methods, storage
+from dpo_lab import cli, frontier, methods, storage, workers
 from dpo_lab.frontier import COLUMNS, SweepEntry, results_path, run_sweep, sweep_entries, write_report
 from dpo_lab.methods import Method
 from dpo_lab.plots import plot_frontier
@@ -105,3 +106,62 @@ def test_a_registered_method_joins_the_sweep_the_cli_and_the_plot(ci_world, resu
     legend = [text.get_text() for text in plot_frontier(table).axes[0].get_legend().get_texts()]
     assert "Short SFT" in legend and "DPO" in legend
     assert cli.main(["train", "--help"]) == 0 and "short-sft" in capsys.readouterr().out
+
+
+PARALLEL_METHODS = ["dpo", "ppo-gt", "preferred-ft"]
+"""A cut-down sweep (4 runs: DPO, PPO-GT at two targets, Preferred-FT), run sequentially as the reference."""
+JOB_METHODS = ["dpo", "ppo-gt"]
+"""The runs `--jobs 2` trains (3: the offline trainer and PPO, 2 at a time)."""
+RAY_METHODS = ["dpo", "preferred-ft"]
+"""The runs Ray trains (2, at once on its 2 CPUs)."""
+
+
+@pytest.fixture(scope="module")
+def sequential_table(ci_world, tmp_path_factory):
+    """The cut-down sweep run one run after another, in this session's cache; results in a temporary folder."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DPO_LAB_RESULTS", str(tmp_path_factory.mktemp("sequential") / "results"))
+        return run_sweep(get_profile("ci"), PARALLEL_METHODS, progress=False)
+
+
+@pytest.fixture()
+def upstream_only(ci_world, tmp_path, monkeypatch):
+    """A fresh cache holding a copy of this session's `ci` upstream artifacts and no runs, so every run trains."""
+    home = tmp_path / "home" / "ci"
+    shutil.copytree(storage.profile_dir("ci"), home, ignore=shutil.ignore_patterns("runs", ".locks"))
+    monkeypatch.setenv("DPO_LAB_HOME", str(home.parent))
+    monkeypatch.setenv("DPO_LAB_RESULTS", str(tmp_path / "results"))
+    return home
+
+
+def assert_same_table(table, sequential):
+    """Every column but the training time (``wall_s``) equal, row by row."""
+    assert not (table["wall_s"] == 0).all()  # the runs did train here
+    pd.testing.assert_frame_equal(table.drop(columns="wall_s"), sequential.drop(columns="wall_s"))
+
+
+def test_two_jobs_reproduce_the_sequential_table(sequential_table, upstream_only):
+    table = run_sweep(get_profile("ci"), JOB_METHODS, progress=False, jobs=2)
+    assert_same_table(table, sequential_table[sequential_table["method"].isin(JOB_METHODS)].reset_index(drop=True))
+    assert (upstream_only / "runs" / "dpo").is_dir()  # trained in the fresh cache, not found in the session's
+
+
+def test_ray_tasks_reproduce_the_sequential_table(sequential_table, upstream_only):
+    ray = pytest.importorskip("ray", reason='Ray is an optional extra: pip install -e ".[ray]"')
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # its workers inherit DPO_LAB_HOME
+    try:
+        table = run_sweep(get_profile("ci"), RAY_METHODS, progress=False, ray_address="auto")
+    finally:
+        ray.shutdown()
+    assert_same_table(table, sequential_table[sequential_table["method"].isin(RAY_METHODS)].reset_index(drop=True))
+    assert (upstream_only / "runs" / "preferred-ft").is_dir()
+
+
+def test_job_threads_share_the_cores_without_exceeding_the_profile():
+    tiny, ci = get_profile("tiny"), get_profile("ci")
+    assert workers.job_threads(tiny, jobs=2, cores=2) == 1
+    assert workers.job_threads(tiny, jobs=2, cores=16) == 2  # the profile's setting caps the share
+    assert workers.job_threads(ci, jobs=4, cores=2) == 1
+    assert workers.job_threads(tiny.replace(threads=0), jobs=4, cores=16) == 4
+    with pytest.raises(ValueError, match="jobs must be >= 1"):
+        run_sweep(ci, ["dpo"], jobs=0)

@@ -50,7 +50,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from dpo_lab import lm, runtime, storage
+from dpo_lab import lm, processes, runtime, storage
 from dpo_lab.guards import check_finite
 from dpo_lab.losses import LOSS_TYPES, dpo_loss, ordered_share, preferred_ft_loss, unlikelihood_loss
 from dpo_lab.preferences import load_preferences
@@ -211,8 +211,7 @@ def cached_reference_logps(world, pairs_path: Path, pairs: Pairs, reference, acc
 
     config = {"pairs": storage.cache_name(pairs_path), "policy": storage.cache_name(world.sft_dir),
               "mixed_precision": world.profile.mixed_precision}
-    with accelerator.main_process_first():
-        folder = storage.cached_artifact(world.profile.name, "reference_logps", config, build)
+    folder = storage.cached_artifact(world.profile.name, "reference_logps", config, build)
     tensors = load_file(folder / REFERENCE_FILE)
     if tensors["chosen"].numel() != len(pairs):
         raise ValueError(f"{folder / REFERENCE_FILE} holds {tensors['chosen'].numel()} pairs, {pairs_path} {len(pairs)}")
@@ -324,11 +323,13 @@ class OfflineStep:
                 accelerator.backward(loss)
                 stats.append(micro_stats)
         grad_norm = accelerator.clip_grad_norm_(self.policy.parameters(), self.spec.max_grad_norm)
-        check_finite(loss=torch.stack([s["loss"].detach() for s in stats]).mean(), grad_norm=grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         metrics = {key: torch.stack([s[key].detach() for s in stats]).mean().item() for key in stats[0]}
+        metrics = processes.mean_over_processes(accelerator, metrics)  # every process stops on the same step
+        check_finite(loss=metrics["loss"], grad_norm=runtime.overflow_checked(accelerator, grad_norm))
+        self.optimizer.step()
+        if not accelerator.optimizer_step_was_skipped:  # fp16: the scaler skipped an overflowing step
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
         return metrics | {"grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0],
                           "pairs_per_s": len(indices) / (time.perf_counter() - started)}
 
@@ -379,6 +380,7 @@ def train_offline(world, pairs_path: str | Path, method: str, *, beta: float = 0
     Malformed preference data raises :class:`dpo_lab.preferences.PreferenceDataError` before training.
     """
     objective = Objective(method, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, alpha=alpha)
+    progress = progress and processes.is_main_process()
     spec = overrides or world.profile.offline
     spec = spec if seed is None else dataclasses.replace(spec, seed=seed)
     if reference not in REFERENCE_MODES:
@@ -418,15 +420,12 @@ def offline_loop(train_step: OfflineStep, checkpoint: Checkpointer, done: int, s
         with run.stopped_on_non_finite(f"step {step}", NON_FINITE_CAUSES):
             metrics = train_step(schedule[step - 1])
             seconds += time.perf_counter() - started
-            if accelerator.is_main_process:
-                run.log_metrics(step, metrics)
+            run.log_metrics(step, metrics)
             postfix = {"loss": f"{metrics['loss']:.3f}"}
             if "rewards/accuracy" in metrics:
                 postfix["acc"] = f"{metrics['rewards/accuracy']:.2f}"
             bar.set_postfix(postfix, refresh=False)
             if step % spec.eval_every == 0 or step == steps:
                 checkpoint(step, policy, seconds, train_step.state_dict)
-    if accelerator.is_main_process:
-        run.finish(policy, checkpoint.tokenizer)
-        run.log(f"finished after {seconds:.0f} s of training")
-    accelerator.wait_for_everyone()
+    run.finish(policy, checkpoint.tokenizer)
+    run.log(f"finished after {seconds:.0f} s of training")

@@ -33,6 +33,14 @@ an action is one token (Ziegler et al. 2019; Stiennon et al. 2020). One *iterati
 5. **KL control** (:class:`KLController`): beta is fixed, or follows the adaptive controller of
    Ziegler et al. (2019, Section 2.2) towards a target sequence KL.
 
+**Several processes** (``accelerate launch``, DDP). Each of P processes rolls out every P-th
+prompt of the iteration and optimises minibatches of ``minibatch_size / P`` of its own samples,
+so the global rollout and minibatch are the profile's; gradients are averaged by DDP. What every
+process must agree on is computed from all of them: the score normaliser's statistics (gathered
+first-rollout scores), the logged metrics and the measured KL (averaged), so the KL controller's
+beta is the same on every process (``kl_coef_spread``, logged under several processes, is its
+max - min: 0). Advantages are whitened per process. The main process evaluates, logs and saves.
+
 **Value head: shared trunk.** V(s_t) is a linear head (zero-initialised, so V = 0 at the start,
 the best constant guess for whitened scores) on the policy's last hidden state, as in Ziegler
 et al.'s code and TRL's former PPO trainer. Why not a separate value model: one forward pass
@@ -71,7 +79,7 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from dpo_lab import lm, runtime, storage
+from dpo_lab import lm, processes, runtime, storage
 from dpo_lab.guards import check_finite
 from dpo_lab.kl import sequence_kl, token_kl_and_logps
 from dpo_lab.losses import (
@@ -104,10 +112,12 @@ class ScoreNormaliser:
     std: float | None = None
     """Standard deviation (unbiased) of the raw scores of the first rollout."""
 
-    def __call__(self, scores: Tensor) -> Tensor:
-        """Normalise ``scores`` (N,), fixing the statistics on the first call."""
+    def __call__(self, scores: Tensor, first_rollout: Tensor | None = None) -> Tensor:
+        """Normalise ``scores`` (N,), fixing the statistics on the first call from ``first_rollout``
+        (every process's scores of the first rollout, so all processes share them; default: ``scores``)."""
         if self.mean is None:
-            self.mean, self.std = scores.mean().item(), scores.std().item()
+            pooled = scores if first_rollout is None else first_rollout
+            self.mean, self.std = pooled.mean().item(), pooled.std().item()
         return (scores - self.mean) / (self.std + 1e-8)
 
 
@@ -286,13 +296,14 @@ def collect_rollout(ppo: PPOSetup, prompts: list[list[int]], normalise: ScoreNor
     gold = {} if ppo.uses_ground_truth else {"gold_score": score_ids(ppo.ground_truth, tokenizer, prompts,
                                                                      completions).float().mean().item()}
 
+    pooled = accelerator.gather(scores.to(accelerator.device)).cpu() if normalise.mean is None else None
     batch = rollout_batch(prompts, completions, tokenizer.pad_token_id)
     batch = {k: v.to(accelerator.device) for k, v in batch.items()}
     start = max(map(len, prompts))
     with accelerator.autocast():
         out = teacher_forced(model, reference, batch, start, spec.minibatch_size)
     mask = out["mask"]
-    rewards = per_token_rewards(normalise(scores).to(mask.device), out["logprobs"], out["ref_logprobs"], mask,
+    rewards = per_token_rewards(normalise(scores, pooled).to(mask.device), out["logprobs"], out["ref_logprobs"], mask,
                                 kl_coef)
     advantages, returns = gae_advantages(rewards, out["values"], mask, gamma=spec.gamma, lam=spec.lam)
     residual_var = masked_var(returns - out["values"], mask)
@@ -330,7 +341,7 @@ def optimise(model: PolicyWithValue, optimizer: torch.optim.Optimizer, rollout: 
                                                        "value_clipfrac")}
     n = len(rollout.mask)
     for _ in range(spec.ppo_epochs):
-        for rows in torch.randperm(n).split(spec.minibatch_size):
+        for rows in torch.randperm(n).split(spec.minibatch_size // accelerator.num_processes):
             rows = rows.to(rollout.mask.device)
             ids, attention, labels = (rollout.batch[k][rows] for k in ("input_ids", "attention_mask", "labels"))
             mask = rollout.mask[rows]
@@ -343,7 +354,9 @@ def optimise(model: PolicyWithValue, optimizer: torch.optim.Optimizer, rollout: 
                                                          spec.clip_range_value)
             accelerator.backward(policy_loss + spec.vf_coef * value_loss)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), spec.max_grad_norm)
-            check_finite(policy_loss=policy_loss, value_loss=value_loss, grad_norm=grad_norm)
+            losses = processes.mean_over_processes(accelerator, {"policy_loss": policy_loss.item(),
+                                                                 "value_loss": value_loss.item()})
+            check_finite(**losses, grad_norm=runtime.overflow_checked(accelerator, grad_norm))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             for key, value in (("policy_loss", policy_loss), ("value_loss", value_loss),
@@ -358,11 +371,16 @@ def optimise(model: PolicyWithValue, optimizer: torch.optim.Optimizer, rollout: 
 def ppo_iteration(ppo: PPOSetup, prompts: list[list[int]], normalise: ScoreNormaliser, kl_control: KLController,
                   max_new_tokens: int, generation_batch_size: int) -> dict[str, float]:
     """One PPO iteration (rollout, optimisation, KL control); returns its logged metrics."""
+    accelerator = ppo.accelerator
     rollout = collect_rollout(ppo, prompts, normalise, kl_control.value, max_new_tokens, generation_batch_size)
-    metrics = {**rollout.stats, **optimise(ppo.model, ppo.optimizer, rollout, ppo.spec, ppo.accelerator)}
-    kl_control.update(metrics["kl"], len(prompts))
+    metrics = {**rollout.stats, **optimise(ppo.model, ppo.optimizer, rollout, ppo.spec, accelerator)}
+    metrics = processes.mean_over_processes(accelerator, metrics)  # every process: the same KL, the same beta
+    samples = len(prompts) * accelerator.num_processes
+    kl_control.update(metrics["kl"], samples)
     seconds = sum(v for k, v in metrics.items() if k.startswith("time_"))
-    return {**metrics, "samples_per_s": len(prompts) / seconds}
+    if accelerator.num_processes > 1:
+        metrics["kl_coef_spread"] = processes.spread_over_processes(accelerator, kl_control.value)
+    return {**metrics, "samples_per_s": samples / seconds}
 
 
 @dataclass
@@ -390,8 +408,13 @@ class PPOSetup:
 
 def setup(world, spec: PPOSpec, *, use_ground_truth: bool, reward_model_path: Path | None,
           policy_dir: Path | None = None, device=None) -> PPOSetup:
-    """Load policy (from ``policy_dir``, default pi_SFT), reference, scorers and a fresh Adam."""
+    """Load policy (from ``policy_dir``, default pi_SFT), reference, scorers and a fresh Adam.
+
+    Raises ``ValueError`` unless the rollout and the minibatch split evenly over the processes.
+    """
     accelerator = runtime.make_accelerator(device, world.profile.mixed_precision)
+    processes.check_split(accelerator.num_processes, **{"PPOSpec.rollout_size": spec.rollout_size,
+                                                        "PPOSpec.minibatch_size": spec.minibatch_size})
     policy, tokenizer = lm.load_causal_lm(policy_dir or world.sft_dir, accelerator.device)
     reference, _ = lm.load_causal_lm(world.sft_dir, accelerator.device)  # fp32, like every other method's
     reference.requires_grad_(False)
@@ -433,6 +456,7 @@ def train_ppo(world, *, target_kl: float | None, use_ground_truth: bool, reward_
     score is NaN or infinite (the last good checkpoint stays in the run folder).
     """
     spec = overrides or world.profile.ppo
+    progress = progress and processes.is_main_process()
     kl_control = KLController(spec.init_kl_coef, target_kl, spec.adaptive_kl_horizon)
     if not use_ground_truth and reward_model_path is None:
         raise ValueError("PPO with the learned reward needs reward_model_path (or use_ground_truth=True)")
@@ -474,8 +498,10 @@ def ppo_loop(ppo: PPOSetup, checkpoint: Checkpointer, kl_control: KLController, 
     name, value = run.columns["hyperparameter_name"], run.columns["hyperparameter"]
     bar = tqdm(range(iterations.start + 1, iterations.stop), initial=iterations.start, total=iterations.stop - 1,
                desc=f"{run.method} {name}={value:g}", disable=not progress)
+    accelerator = ppo.accelerator
     for iteration in bar:
         prompts = rollout_prompts(world.train_prompts, iteration, spec.rollout_size, seed)
+        prompts = prompts[accelerator.process_index::accelerator.num_processes]  # one process: all of them
         with run.stopped_on_non_finite(f"iteration {iteration}", NON_FINITE_CAUSES):
             metrics = ppo_iteration(ppo, prompts, normalise, kl_control, world.profile.sampling.max_new_tokens,
                                     world.profile.sampling.batch_size)

@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import AutoModel, PreTrainedModel
 
-from dpo_lab import lm, runtime, sentiment, storage
+from dpo_lab import lm, processes, runtime, sentiment, storage
 from dpo_lab.guards import check_step
 from dpo_lab.losses import bradley_terry_loss, ordered_share
 from dpo_lab.preferences import load_preferences
@@ -244,7 +244,8 @@ def _fit(model, optimizer, loader, accelerator, val_pairs: Sequence[tuple], spec
             r_w, r_l = model(batch["input_ids"], batch["attention_mask"]).float().chunk(2)
             loss = bradley_terry_loss(r_w, r_l)
             accelerator.backward(loss)
-            check_step("reward model training", step + 1, "a learning rate (RewardSpec.lr) too high", loss=loss)
+            check_step("reward model training", step + 1, "a learning rate (RewardSpec.lr) too high",
+                       loss=processes.mean_over_processes(accelerator, {"loss": loss.item()})["loss"])
             optimizer.step()
             optimizer.zero_grad()
             step += 1
@@ -262,6 +263,7 @@ def _fit(model, optimizer, loader, accelerator, val_pairs: Sequence[tuple], spec
 def _train(world, pairs_path: Path, folder: Path, device, progress: bool) -> None:
     """Train r_phi on the pairs at ``pairs_path``, keep the best validation accuracy, centre, save, report."""
     spec = world.profile.reward
+    progress = progress and processes.is_main_process()
     started = time.time()
     dataset = load_preferences(pairs_path)
     rows = list(zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"]))
@@ -315,4 +317,5 @@ def train_reward_model(world, pairs_path: str | os.PathLike, device: torch.devic
     :func:`load_reward_model`; ``metrics.json`` beside it holds the accuracies and the correlation.
     """
     return storage.cached_artifact(world.profile.name, "reward", reward_config(world, pairs_path),
-                                   lambda folder: _train(world, Path(pairs_path), folder, device, progress))
+                                   lambda folder: _train(world, Path(pairs_path), folder, device, progress),
+                                   collective=True)

@@ -15,7 +15,8 @@ model learns to end a review (a cut review gets no EOS). Sequences start without
 prompts do. The loss is the mean next-token cross-entropy over real tokens; the loop is plain
 PyTorch over ``accelerate.Accelerator`` (mixed precision from the profile) with AdamW (weight
 decay 0.01, gradients clipped to norm 1), a linear warm-up over the first 5% of steps, then cosine
-decay to zero. Batches are random (a fresh seeded permutation per epoch).
+decay to zero. Batches are random (a fresh seeded permutation per epoch). Under ``accelerate
+launch`` each of P processes takes every P-th review of a batch and the gradients are averaged.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, get_cosine_schedule_with_warmup
 
-from dpo_lab import lm, runtime, storage
+from dpo_lab import lm, processes, runtime, storage
 from dpo_lab.guards import check_step
 from dpo_lab.profiles import PolicySpec
 
@@ -128,8 +129,7 @@ def train_sft(spec: PolicySpec, tokenizer_dir: str | os.PathLike, train_texts: S
     """
     if spec.sft_max_length > spec.n_positions and not spec.base:
         raise ValueError(f"sft_max_length {spec.sft_max_length} exceeds the context n_positions {spec.n_positions}")
-    out_dir = Path(out_dir)
-    started = time.time()
+    out_dir, progress, started = Path(out_dir), progress and processes.is_main_process(), time.time()
     runtime.seed_everything(spec.seed)
     tokenizer = lm.load_tokenizer(tokenizer_dir)
     if spec.base:
@@ -141,6 +141,7 @@ def train_sft(spec: PolicySpec, tokenizer_dir: str | os.PathLike, train_texts: S
     test_ids = encode_reviews(tokenizer, test_texts, spec.sft_max_length)
 
     accelerator = runtime.make_accelerator(device, mixed_precision)
+    processes.check_split(accelerator.num_processes, **{"PolicySpec.sft_batch_size": spec.sft_batch_size})
     steps = sft_steps(spec, len(train_ids))
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.sft_lr, weight_decay=0.01)
     scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, round(WARMUP_FRACTION * steps)), steps)
@@ -150,15 +151,18 @@ def train_sft(spec: PolicySpec, tokenizer_dir: str | os.PathLike, train_texts: S
     batches = itertools.islice(shuffled_batches(len(train_ids), spec.sft_batch_size, generator), steps)
     bar = tqdm(batches, total=steps, desc="SFT", disable=not progress)
     for step, indices in enumerate(bar, start=1):
-        batch = {k: v.to(accelerator.device) for k, v in lm_batch([train_ids[i] for i in indices], pad_id).items()}
+        shard = indices[accelerator.process_index::accelerator.num_processes]  # one process: the whole batch
+        batch = {k: v.to(accelerator.device) for k, v in lm_batch([train_ids[i] for i in shard], pad_id).items()}
         with accelerator.autocast():
             loss = model(**batch, use_cache=False).loss
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), 1.0)
-        check_step("SFT", step, "a learning rate (PolicySpec.sft_lr) too high for this model", loss=loss,
-                   grad_norm=grad_norm)
+        check_step("SFT", step, "a learning rate (PolicySpec.sft_lr) too high for this model",
+                   loss=processes.mean_over_processes(accelerator, {"loss": loss.item()})["loss"],
+                   grad_norm=runtime.overflow_checked(accelerator, grad_norm))
         optimizer.step()
-        scheduler.step()
+        if not accelerator.optimizer_step_was_skipped:  # fp16: the scaler skipped an overflowing step
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     model = accelerator.unwrap_model(model).eval()
@@ -167,12 +171,16 @@ def train_sft(spec: PolicySpec, tokenizer_dir: str | os.PathLike, train_texts: S
     metrics = {"val_perplexity": perplexity(model, test_ids, pad_id), "steps": steps,
                "train_docs": len(train_ids), "val_docs": len(test_ids), "train_seconds": round(train_seconds, 1),
                "parameters": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer)}
-    completions = lm.sample_completions(model, sample_prompts, max_new_tokens=spec.sft_max_length,
-                                        eos_id=tokenizer.eos_token_id, pad_id=pad_id, seed=spec.seed)
-    samples = [{"prompt": tokenizer.decode(p), "completion": tokenizer.decode(c, skip_special_tokens=True),
-                "ended_with_eos": bool(c) and c[-1] == tokenizer.eos_token_id}
-               for p, c in zip(sample_prompts, completions)]
     lm.save_causal_lm(model, tokenizer, out_dir / "policy")
     storage.write_json(out_dir / "metrics.json", metrics)
-    storage.write_json(out_dir / "samples.json", samples)
+    storage.write_json(out_dir / "samples.json", decoded_samples(model, tokenizer, sample_prompts,
+                                                                 spec.sft_max_length, spec.seed))
     return metrics
+
+
+def decoded_samples(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int, seed: int) -> list[dict]:
+    """One seeded completion per prompt, decoded: ``prompt``, ``completion`` and ``ended_with_eos`` each."""
+    completions = lm.sample_completions(model, prompts, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id,
+                                        pad_id=tokenizer.pad_token_id, seed=seed)
+    return [{"prompt": tokenizer.decode(p), "completion": tokenizer.decode(c, skip_special_tokens=True),
+             "ended_with_eos": bool(c) and c[-1] == tokenizer.eos_token_id} for p, c in zip(prompts, completions)]

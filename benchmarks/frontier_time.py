@@ -1,0 +1,76 @@
+"""Time the whole frontier of a profile from an empty cache, stage by stage, as a user runs it.
+
+    python benchmarks/frontier_time.py --profile tiny --jobs 2     # what the README reports (2 cores)
+
+Runs ``dpo-lab prepare``, ``dpo-lab preferences``, ``dpo-lab reward`` and ``dpo-lab frontier
+--jobs N`` one after another, each as its own command, in a fresh temporary cache, results and
+figures folder (never ``data/``), and prints each stage's wall time and the total. The frontier
+stage also writes the table and figures; the table is compared with the committed one
+(``data/results/<profile>/frontier.csv``), column by column, so the run says whether it
+reproduced the committed numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def stage(name: str, args: list[str], env: dict[str, str]) -> float:
+    """Run ``dpo-lab <args>``; its wall time in seconds (the command's output goes to a log file)."""
+    log = Path(env["DPO_LAB_HOME"]) / f"{name}.log"
+    started = time.perf_counter()
+    with open(log, "w") as out:
+        result = subprocess.run([sys.executable, "-m", "dpo_lab.cli", *args], stdout=out, stderr=subprocess.STDOUT,
+                                env=env, cwd=ROOT)
+    seconds = time.perf_counter() - started
+    if result.returncode:
+        raise SystemExit(f"{name} failed (exit {result.returncode}); see {log}")
+    print(f"  {name:<12} {seconds:7.1f} s", flush=True)
+    return seconds
+
+
+def compare(table: Path, committed: Path) -> str:
+    """How the new table compares with the committed one (all columns but the training times)."""
+    if not committed.exists():
+        return f"no committed table at {committed}"
+    new, old = (pd.read_csv(p).drop(columns="wall_s") for p in (table, committed))
+    if new.shape != old.shape or list(new.columns) != list(old.columns):
+        return f"different shape: {new.shape} against the committed {old.shape}"
+    numeric = new.select_dtypes("number").columns
+    gaps = (new[numeric] - old[numeric]).abs().max()
+    if (gaps == 0).all() and new.drop(columns=numeric).equals(old.drop(columns=numeric)):
+        return "identical to the committed table (every column but wall_s)"
+    worst = gaps[gaps > 0].sort_values(ascending=False).head(4)
+    return "differs from the committed table; largest differences: " + ", ".join(f"{k} {v:.4g}" for k, v in worst.items())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="tiny")
+    parser.add_argument("--jobs", type=int, default=1)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="dpo_lab_frontier_time_"))
+    env = {**os.environ, "DPO_LAB_HOME": str(work), "DPO_LAB_RESULTS": str(work / "results"),
+           "DPO_LAB_FIGURES": str(work / "figures")}
+    common = ["--profile", args.profile]
+    print(f"{args.profile} frontier from an empty cache in {work}, --jobs {args.jobs}, {os.cpu_count()} cores")
+    seconds = [stage("prepare", ["prepare", *common], env), stage("preferences", ["preferences", *common], env),
+               stage("reward", ["reward", *common], env),
+               stage("frontier", ["frontier", *common, "--jobs", str(args.jobs)], env)]
+    print(f"  {'total':<12} {sum(seconds):7.1f} s ({sum(seconds) / 60:.1f} min)")
+    table = work / "results" / args.profile / "frontier.csv"
+    print(compare(table, ROOT / "data" / "results" / args.profile / "frontier.csv"))
+
+
+if __name__ == "__main__":
+    main()

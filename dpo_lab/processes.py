@@ -1,0 +1,89 @@
+"""The processes of one launch: who is the main one, barriers, and numbers every process must agree on.
+
+Under ``accelerate launch`` (or torchrun) with several processes every trainer runs data-parallel
+(DDP): each process takes its share of a step's data, gradients are averaged, and only the main
+process writes shared files (run folders, logs, cached artifacts, the results table). The rank
+and the number of processes come from the launcher's environment, so :func:`is_main_process` is
+right before any process group exists; the collective helpers start accelerate's process state
+on first use. With one process every helper is a no-op. torch and accelerate are imported inside
+the collective helpers: :mod:`dpo_lab.storage` imports this module, and ``dpo-lab --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+
+def launched_processes() -> int:
+    """How many processes ``accelerate launch`` (or torchrun) started; 1 for a plain ``python``."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def process_rank() -> int:
+    """This process's rank among :func:`launched_processes` (0 for a plain ``python``)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main_process() -> bool:
+    """Whether this process writes shared files (run folders, logs, tables): rank 0, or the only process."""
+    return process_rank() == 0
+
+
+@contextlib.contextmanager
+def main_process_first() -> Iterator[None]:
+    """Run the block on the main process first, then on the others (one process: just run it).
+
+    For work every process needs but only one should do, such as building a cached artifact: the
+    others then find it finished.
+    """
+    if launched_processes() == 1:
+        yield
+        return
+    from accelerate import PartialState
+
+    with PartialState().main_process_first():
+        yield
+
+
+def wait_for_everyone() -> None:
+    """A barrier over the launched processes (nothing for a single process)."""
+    if launched_processes() > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+
+
+def mean_over_processes(accelerator: Accelerator, values: dict[str, float]) -> dict[str, float]:
+    """Each value averaged over the processes (every process gets the same numbers; one process: as is).
+
+    The processes hold equal shares of a step's data, so the mean of their means is the global mean.
+    """
+    if accelerator.num_processes == 1:
+        return values
+    import torch
+
+    stacked = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=accelerator.device)
+    return dict(zip(values, accelerator.reduce(stacked, reduction="mean").tolist()))
+
+
+def spread_over_processes(accelerator: Accelerator, value: float) -> float:
+    """max - min of ``value`` over the processes (0.0 for one process): 0 where they must agree."""
+    if accelerator.num_processes == 1:
+        return 0.0
+    import torch
+
+    gathered = accelerator.gather(torch.tensor([float(value)], dtype=torch.float64, device=accelerator.device))
+    return float(gathered.max() - gathered.min())
+
+
+def check_split(num_processes: int, **sizes: int) -> None:
+    """Raise ``ValueError`` unless every size (``PPOSpec.rollout_size=64``, ...) splits evenly over the processes."""
+    for name, size in sizes.items():
+        if size % num_processes:
+            raise ValueError(f"{name} ({size}) must be a multiple of the number of processes ({num_processes})")
