@@ -278,8 +278,9 @@ def run_frontier(argv: list[str]) -> None:
     if args.ray_address is not None and args.jobs > 1:
         raise ValueError("choose --jobs (local worker processes) or --ray-address (a Ray cluster), not both")
     table = run_sweep(profile, methods, device=common.device, jobs=args.jobs, ray_address=args.ray_address)
-    for path in write_report(profile, table):
-        print(f"wrote {path}")
+    if processes.is_main_process():
+        for path in write_report(profile, table):
+            print(f"wrote {path}")
 
 
 def run_figures(argv: list[str]) -> None:

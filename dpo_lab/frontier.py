@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from dpo_lab import storage, workers
+from dpo_lab import processes, storage, workers
 from dpo_lab.analysis import (
     achieved_kl,
     best_reward_at_budgets,
@@ -121,12 +121,16 @@ def run_sweep(profile: Profile, methods: Sequence[str] | None = None, device: st
     """
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
+    if (jobs > 1 or ray_address) and processes.launched_processes() > 1:
+        raise ValueError("--jobs and --ray-address start their own processes: run them without accelerate launch")
     entries = sweep_entries(profile, methods)
     storage.check_writable(profile.name)
     pipeline = Pipeline(profile, device=device, progress=progress)
     if jobs > 1 or ray_address:
         for upstream in dict.fromkeys(get_method(entry.method).needs for entry in entries):
             getattr(pipeline, upstream)
+        entries = sorted(entries, key=lambda entry: -get_method(entry.method).relative_cost)  # longest first
+        profile = pipeline.world.profile  # its precision resolved here: a worker that cannot run it says so
     if ray_address:
         finishing = workers.ray_tasks(profile, entries, ray_address, device)
     elif jobs > 1:
@@ -140,6 +144,7 @@ def run_sweep(profile: Profile, methods: Sequence[str] | None = None, device: st
                             disable=not progress):
         table.add(entry, rows.assign(profile=profile.name))
     table.close()
+    processes.wait_for_everyone()
     if progress:
         print(f"sweep of {len(entries)} runs done in {time.time() - started:.0f} s; table: {path}")
     return pd.read_csv(path)
@@ -161,14 +166,15 @@ class ResultsTable:
         self.finished: list[pd.DataFrame] = []
 
     def add(self, entry: SweepEntry, rows: pd.DataFrame) -> None:
-        """Record one finished entry's rows (replacing its earlier rows) and rewrite the table."""
+        """Record one finished entry's rows (replacing its earlier rows) and rewrite the table (main process only)."""
         self.finished.append(rows)
         self.pending = self.pending[~entry.rows_in(self.pending)]
-        write_results(pd.concat([self.other_methods, self.pending, *self.finished], ignore_index=True), self.path)
+        if processes.is_main_process():
+            write_results(pd.concat([self.other_methods, self.pending, *self.finished], ignore_index=True), self.path)
 
     def close(self) -> None:
         """Drop the earlier rows of settings no longer in the sweep."""
-        if len(self.pending):
+        if len(self.pending) and processes.is_main_process():
             write_results(pd.concat([self.other_methods, *self.finished], ignore_index=True), self.path)
 
 

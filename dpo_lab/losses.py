@@ -210,6 +210,89 @@ def plackett_luce_dpo_loss(policy_logps: Tensor, ref_logps: Tensor, beta: float)
 
 
 # ---------------------------------------------------------------------------------------
+# Preference objectives since the paper: SimPO, ORPO, KTO
+# ---------------------------------------------------------------------------------------
+
+
+def check_lengths(**lengths: Tensor) -> None:
+    """Raise ``ValueError`` unless every completion length (token count, (B,)) is at least 1."""
+    for name, value in lengths.items():
+        if bool((value < 1).any()):
+            raise ValueError(f"{name} must be >= 1 token for every completion, got {value.tolist()}")
+
+
+def simpo_loss(policy_chosen_logps: Tensor, chosen_lengths: Tensor, policy_rejected_logps: Tensor,
+               rejected_lengths: Tensor, beta: float, gamma: float) -> tuple[Tensor, Tensor, Tensor]:
+    """SimPO (Meng et al. 2024, arXiv 2405.14734, Eq. 6): reference-free, length-normalised, with a margin.
+
+    The implicit reward is the policy's average token log-probability, scaled:
+    r(x, y) = (beta / |y|) log pi(y|x), and the loss is -log sigmoid(r(x, y_w) - r(x, y_l) - gamma),
+    gamma >= 0 the target reward margin. No pi_ref: nothing keeps the policy near pi_SFT but the
+    loss's own saturation (and early stopping). ``policy_*_logps``: (B,) summed completion
+    log-probabilities; ``*_lengths``: (B,) completion token counts. Returns ``(losses,
+    chosen_rewards, rejected_rewards)``, each (B,), the rewards detached. At gamma = 0 and equal
+    lengths L it is Eq. 7 with pi_ref uniform and beta / L in place of beta.
+    """
+    check_same_shape(policy_chosen_logps=policy_chosen_logps, chosen_lengths=chosen_lengths,
+                     policy_rejected_logps=policy_rejected_logps, rejected_lengths=rejected_lengths)
+    check_beta(beta)
+    check_lengths(chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+    if gamma < 0:
+        raise ValueError(f"gamma (the target margin) must be >= 0, got gamma={gamma}")
+    chosen = beta * policy_chosen_logps / chosen_lengths
+    rejected = beta * policy_rejected_logps / rejected_lengths
+    return -F.logsigmoid(chosen - rejected - gamma), chosen.detach(), rejected.detach()
+
+
+def orpo_loss(policy_chosen_logps: Tensor, chosen_lengths: Tensor, policy_rejected_logps: Tensor,
+              rejected_lengths: Tensor, lam: float) -> tuple[Tensor, Tensor]:
+    """ORPO (Hong et al. 2024, arXiv 2403.07691, Eq. 6-7): SFT on y_w plus an odds-ratio penalty on y_l.
+
+    With the length-normalised likelihood P(y|x) = exp(log pi(y|x) / |y|) and the odds
+    odds(y|x) = P / (1 - P), the loss is L_SFT + lam * L_OR, where L_SFT = -log pi(y_w|x) / |y_w|
+    (the mean token negative log-likelihood of the chosen completion) and
+    L_OR = -log sigmoid(log odds(y_w|x) - log odds(y_l|x)). No pi_ref and no separate SFT stage:
+    ORPO starts from the base model in the paper; here it starts from pi_SFT like every method.
+    ``policy_*_logps``: (B,) summed log-probabilities; ``*_lengths``: (B,) token counts. Returns
+    ``(losses, log_odds_ratio)``, each (B,), the ratio detached. lam = 0 is Preferred-FT with
+    per-token averaging.
+    """
+    check_same_shape(policy_chosen_logps=policy_chosen_logps, chosen_lengths=chosen_lengths,
+                     policy_rejected_logps=policy_rejected_logps, rejected_lengths=rejected_lengths)
+    check_lengths(chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+    if lam < 0:
+        raise ValueError(f"lam must be >= 0, got lam={lam}")
+    chosen_mean = policy_chosen_logps / chosen_lengths
+    rejected_mean = policy_rejected_logps / rejected_lengths
+    log_odds_ratio = (chosen_mean - log1mexp(chosen_mean)) - (rejected_mean - log1mexp(rejected_mean))
+    return -chosen_mean - lam * F.logsigmoid(log_odds_ratio), log_odds_ratio.detach()
+
+
+def kto_loss(policy_logps: Tensor, ref_logps: Tensor, desirable: Tensor, reference_point: Tensor | float,
+             beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> tuple[Tensor, Tensor]:
+    """KTO (Ethayarajh et al. 2024, arXiv 2402.01306, Eq. 8): unpaired desirable and undesirable completions.
+
+    With r(x, y) = log pi(y|x) - log pi_ref(y|x) and the reference point z0 (an estimate of
+    KL(pi || pi_ref), detached, clamped at 0), the value of a completion is
+    v = lam_D sigmoid(beta (r - z0)) if it is desirable, lam_U sigmoid(beta (z0 - r)) if not, and the
+    loss is lam_y - v: a desirable completion is pushed above the reference point, an undesirable
+    one below, each with a saturating (prospect-theory) value. ``policy_logps``, ``ref_logps``:
+    (B,) summed log-probabilities; ``desirable``: (B,) bool; ``reference_point``: z0, a number or
+    0-d tensor. Returns ``(losses, rewards)``, each (B,), the rewards beta r detached. From
+    preference pairs, each pair gives one desirable (y_w) and one undesirable (y_l) example.
+    """
+    check_same_shape(policy_logps=policy_logps, ref_logps=ref_logps, desirable=desirable)
+    check_beta(beta)
+    if desirable_weight <= 0 or undesirable_weight <= 0:
+        raise ValueError(f"the weights must be > 0, got {desirable_weight} and {undesirable_weight}")
+    z0 = torch.as_tensor(reference_point, dtype=policy_logps.dtype, device=policy_logps.device).detach().clamp(min=0)
+    logratio = policy_logps - ref_logps
+    sign = torch.where(desirable.bool(), 1.0, -1.0).to(policy_logps.dtype)
+    weight = torch.where(desirable.bool(), desirable_weight, undesirable_weight).to(policy_logps.dtype)
+    return weight * (1.0 - torch.sigmoid(sign * beta * (logratio - z0))), beta * logratio.detach()
+
+
+# ---------------------------------------------------------------------------------------
 # Baselines of the paper's experiments
 # ---------------------------------------------------------------------------------------
 
@@ -354,3 +437,73 @@ def gae_advantages(
         advantages_reversed.append(next_advantage)
     advantages = torch.stack(advantages_reversed[::-1], dim=1)
     return advantages, torch.where(valid, advantages + values, zero)
+
+
+# ---------------------------------------------------------------------------------------
+# Online methods since the paper: RLOO and GRPO (group baselines instead of a value model)
+# ---------------------------------------------------------------------------------------
+
+
+def rloo_advantages(rewards: Tensor) -> Tensor:
+    """REINFORCE leave-one-out advantages (Ahmadian et al. 2024, arXiv 2402.14740, Eq. 5).
+
+    ``rewards``: (P, k), the sequence rewards of k >= 2 completions of each of P prompts. Sample i's
+    baseline is the mean reward of the other k - 1 samples of its prompt, so the advantage
+    r_i - mean_{j != i} r_j is unbiased and needs no value model. Returns (P, k); each row sums to 0.
+    """
+    if rewards.dim() != 2 or rewards.shape[1] < 2:
+        raise ValueError(f"need (P, k) rewards with k >= 2 samples per prompt, got {tuple(rewards.shape)}")
+    k = rewards.shape[1]
+    others = (rewards.sum(-1, keepdim=True) - rewards) / (k - 1)
+    return rewards - others
+
+
+def group_normalised_advantages(rewards: Tensor, eps: float = 1e-4) -> Tensor:
+    """GRPO's advantages (Shao et al. 2024, arXiv 2402.03300, Section 4.1.2): rewards standardised per prompt.
+
+    ``rewards``: (P, k) sequence rewards of k >= 2 completions per prompt. Returns (P, k):
+    (r_i - mean(r)) / (std(r) + eps), the unbiased std of the row; a row of equal rewards gives 0.
+    """
+    if rewards.dim() != 2 or rewards.shape[1] < 2:
+        raise ValueError(f"need (P, k) rewards with k >= 2 samples per prompt, got {tuple(rewards.shape)}")
+    return (rewards - rewards.mean(-1, keepdim=True)) / (rewards.std(-1, keepdim=True) + eps)
+
+
+def k3_kl(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """The per-token KL estimator of GRPO (arXiv 2402.03300, Eq. 4; Schulman's k3), elementwise.
+
+    pi_ref / pi - log(pi_ref / pi) - 1 at the sampled token: >= 0, 0 where pi = pi_ref, and an
+    unbiased estimate of KL(pi || pi_ref) under samples of pi. Inputs: log-probs of any one shape.
+    """
+    check_same_shape(logprobs=logprobs, ref_logprobs=ref_logprobs)
+    log_ratio = ref_logprobs - logprobs
+    return torch.expm1(log_ratio) - log_ratio
+
+
+def grpo_loss(logprobs: Tensor, old_logprobs: Tensor, ref_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+              clip_range: float, beta: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """The GRPO objective (arXiv 2402.03300, Eq. 3) as a loss to minimise.
+
+    ``logprobs``, ``old_logprobs``, ``ref_logprobs``, ``mask``: (B, T) over the completion tokens;
+    ``advantages``: (B,), one per completion (:func:`group_normalised_advantages`), shared by its
+    tokens. Per token: -min(ratio A, clip(ratio, 1 - c, 1 + c) A) + beta k3(pi, pi_ref), with
+    ratio = pi / pi_old; averaged over each completion's tokens, then over completions. The KL
+    sits in the loss, not in the reward as in PPO: it pulls every token towards pi_ref directly.
+    Stats (detached): ``kl`` (mean per-token k3), ``clipfrac``.
+    """
+    check_same_shape(logprobs=logprobs, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, mask=mask)
+    if advantages.shape != logprobs.shape[:1]:
+        raise ValueError(f"advantages must be (B,) = {tuple(logprobs.shape[:1])}, got {tuple(advantages.shape)}")
+    if not clip_range > 0:
+        raise ValueError(f"clip_range must be > 0, got clip_range={clip_range}")
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got beta={beta}")
+    ratio = torch.exp(logprobs - old_logprobs)
+    a = advantages.unsqueeze(-1)
+    surrogate = torch.minimum(ratio * a, ratio.clamp(1.0 - clip_range, 1.0 + clip_range) * a)
+    kl = k3_kl(logprobs, ref_logprobs)
+    per_completion = masked_mean(-surrogate + beta * kl, mask, dim=-1)
+    with torch.no_grad():
+        stats = {"kl": masked_mean(kl, mask), "clipfrac": masked_mean(((ratio - 1.0).abs() > clip_range).to(ratio.dtype),
+                                                                        mask)}
+    return per_completion.mean(), stats

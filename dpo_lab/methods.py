@@ -20,6 +20,7 @@ subcommands and their options, :mod:`dpo_lab.plots` the legend. Adding a method 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,7 @@ from dpo_lab.best_of_n import best_of_n
 from dpo_lab.pipeline import Pipeline
 from dpo_lab.profiles import Profile
 from dpo_lab.train.dpo import REFERENCE_MODES, Objective, train_offline
+from dpo_lab.train.online import check_method, train_online
 from dpo_lab.train.ppo import KLController, train_ppo
 
 
@@ -82,6 +84,8 @@ class Method:
     """A dataclass of extra ``dpo-lab train`` options, passed to ``train`` as ``request.options``."""
     curve: bool = False
     """All values form one run, drawn in order of the hyperparameter (Best-of-N); no ``train`` command."""
+    relative_cost: float = 1.0
+    """Rough run time against one DPO run on the CPU profiles: a parallel sweep starts the longest runs first."""
     needs: str = "pairs"
     """The last upstream artifact its runs read (a :class:`~dpo_lab.pipeline.Pipeline` attribute: ``world``,
     ``pairs`` or ``reward_model``), built before a parallel sweep starts its jobs."""
@@ -136,11 +140,19 @@ class OfflineOptions:
         "choices": REFERENCE_MODES})
 
 
+@dataclass
+class SimPOOptions:
+    """Options of SimPO."""
+
+    gamma: float = field(default=0.5, metadata={"help": "SimPO's target reward margin (>= 0)."})
+
+
 def offline_trainer(method: str, loss_type: str = "sigmoid") -> TrainFn:
     """The training function of an offline method: :func:`dpo_lab.train.dpo.train_offline` on the pairs."""
     def train(pipeline: Pipeline, request: RunRequest) -> pd.DataFrame:
         knob = {"dpo": {"beta": request.value, "loss_type": loss_type}, "unlikelihood": {"alpha": request.value},
-                "preferred-ft": {}}[method]
+                "preferred-ft": {}, "simpo": {"beta": request.value}, "orpo": {"lam": request.value},
+                "kto": {"beta": request.value}}[method]
         run = train_offline(pipeline.world, pipeline.pairs, method, **knob, **request.options, seed=request.seed,
                             overrides=request.spec, device=request.device, progress=request.progress)
         return run.evaluations()
@@ -153,6 +165,16 @@ def ppo_trainer(use_ground_truth: bool) -> TrainFn:
         run = train_ppo(pipeline.world, target_kl=request.value, use_ground_truth=use_ground_truth,
                         reward_model_path=None if use_ground_truth else pipeline.reward_model, seed=request.seed,
                         overrides=request.spec, device=request.device, progress=request.progress)
+        return run.evaluations()
+    return train
+
+
+def online_trainer(method: str, use_ground_truth: bool) -> TrainFn:
+    """The training function of RLOO, GRPO or online DPO, with r_phi or (``-gt``) the ground truth."""
+    def train(pipeline: Pipeline, request: RunRequest) -> pd.DataFrame:
+        run = train_online(pipeline.world, method, beta=request.value, use_ground_truth=use_ground_truth,
+                           reward_model_path=None if use_ground_truth else pipeline.reward_model, seed=request.seed,
+                           overrides=request.spec, device=request.device, progress=request.progress)
         return run.evaluations()
     return train
 
@@ -183,19 +205,44 @@ register(Method("dpo", "Direct Preference Optimization (Eq. 7)", "DPO", "tab:red
                 spec_section="offline", options=OfflineOptions))
 register(Method("ppo", "PPO against the learned reward model (--target-kl)", "PPO", "tab:blue", "s", "target_kl",
                 lambda p: p.sweep.ppo_target_kls, ppo_trainer(False), check=check_target_kl,
-                spec_section="ppo", needs="reward_model"))
+                spec_section="ppo", needs="reward_model", relative_cost=4.0))
 register(Method("ppo-gt", "PPO against the ground-truth classifier (--target-kl)", "PPO-GT", "tab:green", "s",
                 "target_kl", lambda p: p.sweep.ppo_target_kls, ppo_trainer(True),
-                check=check_target_kl, spec_section="ppo", needs="world"))
+                check=check_target_kl, spec_section="ppo", needs="world", relative_cost=4.0))
 register(Method("unlikelihood", "the Unlikelihood baseline (--alpha)", "Unlikelihood", "tab:orange", "^", "alpha",
                 lambda p: p.sweep.unlikelihood_alphas, offline_trainer("unlikelihood"), default=1.0,
                 check=lambda v: Objective("unlikelihood", alpha=v), spec_section="offline"))
 register(Method("preferred-ft", "supervised fine-tuning on the chosen completions", "Preferred-FT", "tab:brown", "v",
                 "seed", lambda p: p.sweep.preferred_ft_seeds, offline_trainer("preferred-ft"), spec_section="offline"))
 register(Method("best-of-n", "best-of-N sampling from pi_SFT, selected by r_phi", "Best of N", "tab:gray", "D", "n",
-                lambda p: (float(max(p.sweep.best_of_n)),), train_best_of_n, curve=True, needs="reward_model"))
+                lambda p: (float(max(p.sweep.best_of_n)),), train_best_of_n, curve=True, needs="reward_model",
+                relative_cost=8.0))
 for variant, label, colour in (("ipo", "IPO", "tab:pink"), ("cdpo", "cDPO", "tab:purple"),
                                ("hinge", "SLiC (hinge)", "tab:olive"), ("robust", "rDPO", "tab:cyan")):
     register(dataclasses.replace(REGISTRY["dpo"], name=variant, summary=f"the {label} variant of DPO (--beta)",
                                  label=label, colour=colour, sweep_values=no_values,
                                  train=offline_trainer("dpo", loss_type=variant)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Offline objectives since the paper (not yet in a profile's sweep: ``dpo-lab train <name>``)
+# ----------------------------------------------------------------------------------------------
+
+register(Method("simpo", "SimPO: reference-free, length-normalised, with a target margin (--beta, --gamma)", "SimPO",
+                "darkred", "P", "beta", no_values, offline_trainer("simpo"), default=2.0,
+                check=lambda v: Objective("simpo", beta=v), spec_section="offline", options=SimPOOptions))
+register(Method("orpo", "ORPO: SFT on y_w plus an odds-ratio term, reference-free (--lam)", "ORPO", "goldenrod", "X",
+                "lam", no_values, offline_trainer("orpo"), default=0.1, check=lambda v: Objective("orpo", lam=v),
+                spec_section="offline"))
+register(Method("kto", "KTO: each pair as one desirable and one undesirable completion (--beta)", "KTO", "teal", "h",
+                "beta", no_values, offline_trainer("kto"), default=0.1, check=lambda v: Objective("kto", beta=v),
+                spec_section="offline"))
+
+for online, label, colour, default in (("rloo", "RLOO", "slateblue", 0.1), ("grpo", "GRPO", "darkcyan", 0.05),
+                                       ("online-dpo", "online DPO", "crimson", 0.1)):
+    for gt in (False, True):
+        register(Method(online + ("-gt" if gt else ""), f"{label} against the {'ground truth' if gt else 'learned reward'} "
+                        "(--beta: its KL knob)", label + ("-GT" if gt else ""), colour, "*" if gt else "p", "beta",
+                        no_values, online_trainer(online, gt), default=default,
+                        check=functools.partial(check_method, online), spec_section="online",
+                        needs="world" if gt else "reward_model", relative_cost=2.0))

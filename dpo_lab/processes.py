@@ -12,12 +12,31 @@ the collective helpers: :mod:`dpo_lab.storage` imports this module, and ``dpo-la
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
+
+
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=6)
+"""How long a process waits at a barrier: the others wait there while the main one builds an upstream
+artifact (hours at the paper's scale; torch's default of 10 minutes would end the launch)."""
+
+
+def process_state(cpu: bool = False):
+    """accelerate's process state, its process group started with :data:`PROCESS_GROUP_TIMEOUT` if this is the first use."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=cpu, timeout=PROCESS_GROUP_TIMEOUT)
+
+
+def config_entry() -> dict[str, int]:
+    """``{"processes": P}`` for a cache key under P > 1 processes, ``{}`` for one (keys stay what they were)."""
+    launched = launched_processes()
+    return {"processes": launched} if launched > 1 else {}
 
 
 def launched_processes() -> int:
@@ -45,18 +64,14 @@ def main_process_first() -> Iterator[None]:
     if launched_processes() == 1:
         yield
         return
-    from accelerate import PartialState
-
-    with PartialState().main_process_first():
+    with process_state().main_process_first():
         yield
 
 
 def wait_for_everyone() -> None:
     """A barrier over the launched processes (nothing for a single process)."""
     if launched_processes() > 1:
-        from accelerate import PartialState
-
-        PartialState().wait_for_everyone()
+        process_state().wait_for_everyone()
 
 
 def mean_over_processes(accelerator: Accelerator, values: dict[str, float]) -> dict[str, float]:
@@ -70,6 +85,15 @@ def mean_over_processes(accelerator: Accelerator, values: dict[str, float]) -> d
 
     stacked = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=accelerator.device)
     return dict(zip(values, accelerator.reduce(stacked, reduction="mean").tolist()))
+
+
+def min_over_processes(accelerator: Accelerator, value: float) -> float:
+    """The smallest ``value`` over the processes (``value`` itself for one process)."""
+    if accelerator.num_processes == 1:
+        return value
+    import torch
+
+    return float(accelerator.gather(torch.tensor([float(value)], dtype=torch.float64, device=accelerator.device)).min())
 
 
 def spread_over_processes(accelerator: Accelerator, value: float) -> float:

@@ -319,6 +319,34 @@ class PPOSpec(Checked):
 
 
 @dataclass(frozen=True)
+class OnlineSpec(Checked):
+    """RLOO, GRPO and online DPO (:mod:`dpo_lab.train.online`): k samples of each prompt from the current policy."""
+
+    RULES = {"iterations": at_least(1), "prompts_per_iteration": at_least(1), "group_size": at_least(2),
+             "epochs": at_least(1), "minibatch_size": at_least(2), "lr": POSITIVE, "clip_range": POSITIVE,
+             "max_grad_norm": POSITIVE, "eval_every": at_least(1)}
+
+    iterations: int = 40
+    """Rollout-and-update iterations."""
+    prompts_per_iteration: int = 64
+    """Training prompts per iteration (each sampled ``group_size`` times)."""
+    group_size: int = 4
+    """k, the samples of each prompt: each other's baseline (online DPO always takes 2)."""
+    epochs: int = 1
+    """Passes over each rollout."""
+    minibatch_size: int = 64
+    """Samples per optimiser step (online DPO: twice its pairs)."""
+    lr: float = 1e-4
+    """Adam learning rate."""
+    clip_range: float = 0.2
+    """GRPO: the ratio's clip range."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clipping."""
+    eval_every: int = 10
+    """Evaluate and checkpoint every this many iterations (and at the end)."""
+
+
+@dataclass(frozen=True)
 class EvalSpec(Checked):
     """The evaluation protocol of :mod:`dpo_lab.evaluate`, identical for every method and checkpoint."""
 
@@ -384,6 +412,7 @@ class Profile(Checked):
     reward: RewardSpec = field(default_factory=RewardSpec)
     offline: OfflineTrainSpec = field(default_factory=OfflineTrainSpec)
     ppo: PPOSpec = field(default_factory=PPOSpec)
+    online: OnlineSpec = field(default_factory=OnlineSpec)
     evaluation: EvalSpec = field(default_factory=EvalSpec)
     sweep: SweepSpec = field(default_factory=SweepSpec)
     mixed_precision: str = "no"
@@ -408,6 +437,8 @@ TINY = Profile(
     offline=OfflineTrainSpec(lr=3e-4, epochs=0.5, eval_every=40),
     ppo=PPOSpec(iterations=48, rollout_size=128, minibatch_size=32, ppo_epochs=4, lr=3e-4, init_kl_coef=0.3,
                 adaptive_kl_horizon=512, eval_every=8),
+    online=OnlineSpec(iterations=48, prompts_per_iteration=32, group_size=4, epochs=2, minibatch_size=32, lr=3e-4,
+                      eval_every=8),
 )
 
 CI = Profile(
@@ -424,6 +455,8 @@ CI = Profile(
     offline=OfflineTrainSpec(lr=3e-3, warmup_steps=2, batch_size=32, epochs=1.0, eval_every=20),
     ppo=PPOSpec(iterations=30, rollout_size=64, minibatch_size=16, ppo_epochs=4, lr=1e-3, init_kl_coef=0.3,
                 adaptive_kl_horizon=256, eval_every=10),
+    online=OnlineSpec(iterations=20, prompts_per_iteration=16, group_size=4, epochs=2, minibatch_size=16, lr=1e-3,
+                      eval_every=10),
     evaluation=EvalSpec(batch_size=64),
     sweep=SweepSpec(dpo_betas=(0.1,), ppo_target_kls=(1.0, 4.0), unlikelihood_alphas=(0.5,),
                     preferred_ft_seeds=(0,), best_of_n=(1, 4)),

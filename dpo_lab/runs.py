@@ -98,8 +98,9 @@ class Run:
         if problem is None:
             return True
         storage.log.warning("%s: %s; training the run again so that no result is lost", self.path, problem)
-        (self.path / storage.DONE_MARKER).unlink()
-        shutil.rmtree(self.path / FINAL_DIR, ignore_errors=True)
+        if processes.is_main_process():
+            (self.path / storage.DONE_MARKER).unlink(missing_ok=True)
+            shutil.rmtree(self.path / FINAL_DIR, ignore_errors=True)
         return False
 
     def evaluations_problem(self) -> str | None:
@@ -229,10 +230,9 @@ def run_config(world, method: str, seed: int, **entries: Any) -> dict[str, Any]:
     and the number of data-parallel processes when there are several (one process: not recorded,
     so the folders of one-process runs are what they always were)."""
     profile = world.profile
-    launched = processes.launched_processes()
     return {"profile": profile.name, "method": method, "seed": seed, "sampling": profile.sampling,
             "evaluation": profile.evaluation, "mixed_precision": profile.mixed_precision,
-            "policy": storage.cache_name(world.sft_dir), **entries, **({"processes": launched} if launched > 1 else {})}
+            "policy": storage.cache_name(world.sft_dir), **entries, **processes.config_entry()}
 
 
 def training_run(world, method: str, swept: tuple[str, float], seed: int, **entries: Any) -> Run:
@@ -269,16 +269,22 @@ def start_or_resume(run: Run, resume: tuple[Path, dict[str, Any]] | None, seed: 
     """Seed a fresh run, or restore the RNG state of its checkpoint; returns (last finished step, seconds so far).
 
     Call it once the models and the optimiser are built, so that a fresh and a resumed run reach
-    their first step with the same random numbers.
+    their first step with the same random numbers. Under several processes the main process does
+    exactly this; process r > 0 then seeds its own stream from (seed, step, r), so the processes
+    sample differently, and a resumed run continues with streams fixed by its step (not bit for bit
+    those of an uninterrupted run: a checkpoint holds the main process's state only).
     """
     if resume is None:
         runtime.seed_everything(seed)
         run.log(f"started: {json.dumps(run.config, sort_keys=True)}")
-        return 0, 0.0
-    state = resume[1]
-    restore_rng(state, device)
-    run.log(f"resumed from the checkpoint of step {state['step']}")
-    return state["step"], state["wall_s"]
+        step, seconds = 0, 0.0
+    else:
+        restore_rng(resume[1], device)
+        run.log(f"resumed from the checkpoint of step {resume[1]['step']}")
+        step, seconds = resume[1]["step"], resume[1]["wall_s"]
+    if processes.process_rank() > 0:
+        runtime.seed_everything(hash((seed, step, processes.process_rank())) % 2**31)
+    return step, seconds
 
 
 @dataclass

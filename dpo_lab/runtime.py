@@ -21,6 +21,7 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DataLoaderConfiguration
 
+from dpo_lab import processes
 from dpo_lab.processes import launched_processes
 from dpo_lab.profiles import PRECISIONS
 
@@ -99,10 +100,10 @@ def device_state(preferred: str | torch.device | None = None) -> PartialState:
     if single and not PartialState._shared_state:
         os.environ[ACCELERATE_DEVICE_VAR] = str(device)
         try:
-            PartialState(cpu=device.type == "cpu")
+            processes.process_state(cpu=device.type == "cpu")
         finally:
             os.environ.pop(ACCELERATE_DEVICE_VAR, None)
-    state = PartialState(cpu=device.type == "cpu")
+    state = processes.process_state(cpu=device.type == "cpu")
     same = state.device == device or (device.index is None and state.device.type == device.type)
     if single and not same:
         raise ValueError(f"this process already runs on {state.device}; device {device} needs a new process "
@@ -123,13 +124,27 @@ def make_accelerator(preferred: str | torch.device | None = None, mixed_precisio
 
 
 def overflow_checked(accelerator: Accelerator, grad_norm):
-    """The gradient norm a finite-value guard should check: ``grad_norm``, or 0.0 under fp16.
+    """The gradient norm a finite-value guard should check: ``grad_norm``, or 0.0 while fp16's scaler owns overflow.
 
-    With fp16 the gradient scaler owns overflow: an infinite norm there means "scale too high",
-    and the scaler skips that optimiser step and lowers the scale, so it is no error. The loss
-    is still checked.
+    With fp16 an infinite norm first means "scale too high": the scaler skips that optimiser step
+    and halves the scale, so it is no error. Once the scale has fallen below 1 (from 65,536: about
+    17 overflowing steps in a row) the gradients are not finite at any scale, and the guard checks
+    them again, so a run whose every step overflows stops instead of finishing untrained. The loss
+    is always checked.
     """
-    return 0.0 if accelerator.scaler is not None else grad_norm
+    scaler = accelerator.scaler
+    return 0.0 if scaler is not None and scaler.get_scale() >= 1.0 else grad_norm
+
+
+def scaler_state(accelerator: Accelerator) -> dict:
+    """``{"scaler": state}`` of fp16's gradient scaler for a checkpoint; ``{}`` without one."""
+    return {"scaler": accelerator.scaler.state_dict()} if accelerator.scaler is not None else {}
+
+
+def load_scaler_state(accelerator: Accelerator, state: dict) -> None:
+    """Restore what :func:`scaler_state` saved (nothing when either side has no scaler)."""
+    if accelerator.scaler is not None and "scaler" in state:
+        accelerator.scaler.load_state_dict(state["scaler"])
 
 
 def pick_device(preferred: str | torch.device | None = None) -> torch.device:

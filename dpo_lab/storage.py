@@ -324,14 +324,17 @@ def cached_artifact(profile_name: str, stage: str, config: Any, build: Callable[
     (:func:`atomic_dir`). A finished folder that fails its manifest check is reported and rebuilt.
 
     Processes that need it at once build it once (:func:`build_lock`). Under ``accelerate launch``
-    (:mod:`dpo_lab.processes`) the main process builds while the others wait, then read it. A ``collective`` build trains data-parallel, so every process takes part:
-    the main one builds into the staging folder, the others into a scratch folder that is dropped.
+    (:mod:`dpo_lab.processes`) the main process builds while the others wait, then read it. A
+    ``collective`` build trains data-parallel, so every process takes part: the main one builds into
+    the staging folder, the others into a scratch folder that is dropped (the builds save their
+    model from the main process only).
     """
     final = profile_dir(profile_name) / f"{stage}-{fingerprint(config)}"
     if collective and processes.launched_processes() > 1:
         if not finished_artifact(final):
             if processes.is_main_process():
-                build_artifact(final, config, build)
+                with build_lock(final):
+                    build_artifact(final, config, build)
             else:
                 with tempfile.TemporaryDirectory() as scratch:
                     build(Path(scratch))

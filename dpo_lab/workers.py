@@ -31,6 +31,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from dpo_lab import runtime, storage
 from dpo_lab.pipeline import Pipeline
 from dpo_lab.profiles import Profile
 
@@ -58,28 +59,40 @@ def job_threads(profile: Profile, jobs: int, cores: int | None = None) -> int:
     return min(share, profile.threads) if profile.threads else share
 
 
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as ``CUDA_VISIBLE_DEVICES`` names them (its own mask kept: SLURM, shared nodes)."""
+    mask = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if mask is not None:
+        return [gpu.strip() for gpu in mask.split(",") if gpu.strip()]
+    return [str(index) for index in range(torch.cuda.device_count())]
+
+
 def claim_gpu(free_gpus) -> None:
-    """Worker initialiser: take one GPU index from the queue and make it the only one this process sees."""
-    os.environ["CUDA_VISIBLE_DEVICES"] = str(free_gpus.get())
+    """Worker initialiser, before anything starts CUDA: make one GPU of the queue the only one it sees."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = free_gpus.get()
 
 
 def local_jobs(profile: Profile, entries: Sequence[Any], jobs: int, device: str | None) -> Iterator[tuple[Any, pd.DataFrame]]:
     """Run the entries in ``jobs`` spawned worker processes, yielding each as it finishes.
 
-    On CUDA every worker owns one GPU (``jobs`` must not exceed the GPUs); elsewhere every run gets
-    :func:`job_threads` threads. A failing run stops the sweep: runs not yet started are cancelled.
+    With the device ``cuda`` (chosen or the default) every worker owns one of the visible GPUs
+    (``jobs`` must not exceed them); with any other device (``cpu``, ``cuda:1``, ``mps``) the jobs
+    share it, and on the CPU every run gets :func:`job_threads` threads. A failing run stops the
+    sweep: runs not yet started are cancelled.
     """
     context = multiprocessing.get_context("spawn")
     initializer, initargs = None, ()
-    gpus = torch.cuda.device_count() if device in (None, "cuda") else 0
-    if gpus:
-        if jobs > gpus:
-            raise ValueError(f"--jobs {jobs} needs {jobs} GPUs, {gpus} visible; use --jobs {gpus} or fewer")
+    resolved = runtime.resolve_device(device)
+    if resolved.type == "cuda" and resolved.index is None:
+        gpus = visible_gpus()
+        if jobs > len(gpus):
+            raise ValueError(f"--jobs {jobs} needs {jobs} GPUs, {len(gpus)} visible; use --jobs {len(gpus)} or fewer")
+        torch.cuda.empty_cache()  # what building the upstream artifacts left on the first GPU
         free_gpus = context.Manager().Queue()
-        for index in range(jobs):
-            free_gpus.put(index)
+        for gpu in gpus[:jobs]:
+            free_gpus.put(gpu)
         initializer, initargs, device = claim_gpu, (free_gpus,), "cuda"
-    else:
+    elif resolved.type == "cpu":
         profile = profile.replace(threads=job_threads(profile, jobs))
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=initializer,
                                                 initargs=initargs) as pool:
@@ -93,15 +106,18 @@ def local_jobs(profile: Profile, entries: Sequence[Any], jobs: int, device: str 
 
 
 def driver_env() -> dict[str, str]:
-    """This process's ``DPO_LAB_*`` variables (cache, results, figures, device...), handed to every Ray worker."""
-    return {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIX)}
+    """This process's ``DPO_LAB_*`` variables for every Ray worker, with the cache folder always named as an
+    absolute path (a Ray worker's working directory is not the checkout, so the default would not be found)."""
+    return {**{k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIX)},
+            storage.HOME_ENV_VAR: str(storage.home().resolve())}
 
 
 def ray_tasks(profile: Profile, entries: Sequence[Any], address: str, device: str | None) -> Iterator[tuple[Any, pd.DataFrame]]:
     """Submit every entry as a Ray task to the cluster at ``address`` and yield each as it finishes.
 
-    ``address``: ``auto`` (the cluster this machine belongs to), ``HOST:PORT``, or ``local`` (start
-    Ray on this machine); a Ray already initialised in this process is used as it is. Each task
+    ``address``: ``auto`` (the cluster this machine belongs to), ``HOST:PORT``, or ``local`` (the Ray
+    instance of this machine, started if none runs); a Ray already initialised in this process is
+    used as it is. Each task
     asks for one GPU where the cluster has GPUs, else for the profile's threads (at least 1) as CPUs.
     """
     try:

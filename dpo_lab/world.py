@@ -193,7 +193,8 @@ class WorldBuilder:
                           sample_prompts=self.prefixes("test", sample_spec, SFT_SAMPLES),
                           mixed_precision=profile.mixed_precision, device=self.device, progress=self.progress)
 
-        return self.stage("sft", {"policy": storage.keyed(profile.policy, "base"), "mixed_precision": profile.mixed_precision,
+        return self.stage("sft", {"policy": storage.keyed(profile.policy, "base"),
+                                  "mixed_precision": profile.mixed_precision,
                                   "sample_prompts": sample_spec, "corpus": self.corpus_dir.name,
                                   "tokenizer": self.tokenizer_dir.parent.name}, write, collective=True)
 

@@ -98,6 +98,26 @@ def test_offline_baselines_finish_and_are_evaluated(ci_world, pairs, method, opt
     assert rows["kl"].iloc[-1] > 0
 
 
+MODERN_STEPS = 100
+"""Training steps of the SimPO, ORPO and KTO runs on `ci` (evaluated at step 0 and at the end)."""
+
+
+@pytest.mark.parametrize("method, options, name, value", [("simpo", {"beta": 2.0, "gamma": 0.5}, "beta", 2.0),
+                                                          ("orpo", {"lam": 5.0}, "lam", 5.0),
+                                                          ("kto", {"beta": 0.1}, "beta", 0.1)])
+def test_simpo_orpo_and_kto_raise_the_ground_truth_reward_over_sft(ci_world, pairs, method, options, name, value):
+    spec = dataclasses.replace(ci_world.profile.offline, max_steps=MODERN_STEPS, eval_every=MODERN_STEPS)
+    run = train_offline(ci_world, pairs, method, overrides=spec, progress=False, **options)
+    rows = run.evaluations()
+    assert rows["step"].tolist() == [0, MODERN_STEPS]
+    assert (rows["method"] == method).all() and (rows["hyperparameter_name"] == name).all()
+    assert rows["hyperparameter"].iloc[0] == value
+    sft, last = rows.iloc[0], rows.iloc[-1]
+    assert last["reward"] > sft["reward"] + 2 * np.hypot(sft["reward_se"], last["reward_se"])
+    metrics = run.metrics()
+    assert metrics["rewards/accuracy"].tail(10).mean() > 0.5  # the implicit reward (SimPO, KTO) or log odds (ORPO)
+
+
 def test_rerun_of_a_finished_run_does_nothing(low_beta, ci_world, pairs):
     metrics_before = (low_beta.path / "metrics.jsonl").stat().st_mtime_ns
     started = time.perf_counter()
@@ -214,6 +234,14 @@ def test_objectives_validate_their_hyperparameters():
         Objective("unlikelihood", alpha=-0.1)
     with pytest.raises(ValueError, match="unknown offline method"):
         Objective("ppo")
+    assert not Objective("simpo").uses_reference and not Objective("orpo").uses_reference
+    assert Objective("kto").uses_reference and Objective("kto").uses_rejected
+    assert Objective("simpo", beta=2.0, gamma=0.3).settings() == {"beta": 2.0, "gamma": 0.3}
+    assert Objective("orpo", lam=0.2).hyperparameter(seed=0) == ("lam", 0.2)
+    for method, bad, match in (("simpo", {"gamma": -1.0}, "gamma"), ("simpo", {"beta": 0.0}, "beta"),
+                               ("orpo", {"lam": -0.1}, "lam"), ("kto", {"beta": -1.0}, "beta")):
+        with pytest.raises(ValueError, match=match):
+            Objective(method, **bad)
 
 
 def test_cli_options_override_the_profile(ci_world):

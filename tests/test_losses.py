@@ -12,13 +12,20 @@ from dpo_lab.losses import (
     bradley_terry_loss,
     dpo_loss,
     gae_advantages,
+    group_normalised_advantages,
+    grpo_loss,
+    k3_kl,
+    kto_loss,
     log1mexp,
     masked_mean,
     masked_var,
     masked_whiten,
+    orpo_loss,
     ppo_policy_loss,
     ppo_value_loss,
     preferred_ft_loss,
+    rloo_advantages,
+    simpo_loss,
     unlikelihood_loss,
 )
 
@@ -232,3 +239,120 @@ def test_plackett_luce_dpo_is_dpo_for_two_and_the_ranking_likelihood_for_more() 
     torch.testing.assert_close(plackett_luce_dpo_loss(policy4, ref4, beta=0.3)[0], expected)
     with pytest.raises(ValueError, match="K >= 2"):
         plackett_luce_dpo_loss(policy4[:, :1], ref4[:, :1], beta=0.3)
+
+
+# SimPO, ORPO, KTO: closed forms on hand-picked numbers, and their limiting cases.
+
+def t(values) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def test_simpo_is_the_length_normalised_margin_loss():
+    losses, chosen, rejected = simpo_loss(t([-6.0, -2.0]), t([3, 1]), t([-4.0, -9.0]), t([1, 3]), beta=2.0, gamma=0.5)
+    # rewards beta * logp / |y|: chosen (-4, -4), rejected (-8, -6)
+    assert chosen.tolist() == [-4.0, -4.0] and rejected.tolist() == [-8.0, -6.0]
+    expected = [-math.log(1 / (1 + math.exp(-(4.0 - 0.5)))), -math.log(1 / (1 + math.exp(-(2.0 - 0.5))))]
+    assert losses.tolist() == pytest.approx(expected, rel=1e-12)
+
+
+def test_simpo_without_margin_at_equal_lengths_is_dpo_with_a_uniform_reference():
+    pc, pr, length = t([-5.0, -7.0]), t([-6.0, -4.0]), t([4, 4])
+    simpo, _, _ = simpo_loss(pc, length, pr, length, beta=2.0, gamma=0.0)
+    dpo, _, _ = dpo_loss(pc, pr, torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64), beta=0.5)
+    assert simpo.tolist() == pytest.approx(dpo.tolist(), rel=1e-12)
+
+
+def test_simpo_margin_raises_the_loss_and_bad_inputs_are_refused():
+    pc, pr, length = t([-2.0]), t([-3.0]), t([2])
+    low, high = (simpo_loss(pc, length, pr, length, beta=1.0, gamma=g)[0].item() for g in (0.0, 1.0))
+    assert high > low
+    with pytest.raises(ValueError, match="gamma"):
+        simpo_loss(pc, length, pr, length, beta=1.0, gamma=-0.1)
+    with pytest.raises(ValueError, match=">= 1 token"):
+        simpo_loss(pc, t([0]), pr, length, beta=1.0, gamma=0.0)
+
+
+def test_orpo_is_mean_nll_plus_the_odds_ratio_term():
+    pc, lc, pr, lr = t([-2.0]), t([4]), t([-3.0]), t([2])  # mean log-probs -0.5 and -1.5
+    losses, ratio = orpo_loss(pc, lc, pr, lr, lam=0.25)
+
+    def log_odds(mean):
+        return mean - math.log(1 - math.exp(mean))
+
+    expected_ratio = log_odds(-0.5) - log_odds(-1.5)
+    assert ratio.item() == pytest.approx(expected_ratio, rel=1e-12)
+    assert losses.item() == pytest.approx(0.5 + 0.25 * math.log(1 + math.exp(-expected_ratio)), rel=1e-12)
+
+
+def test_orpo_limits_sft_alone_and_equal_completions():
+    pc, lc = t([-3.0, -1.0]), t([3, 2])
+    sft_only, _ = orpo_loss(pc, lc, t([-9.0, -9.0]), t([3, 3]), lam=0.0)
+    assert sft_only.tolist() == pytest.approx([1.0, 0.5])  # mean token NLL of y_w
+    same, ratio = orpo_loss(pc, lc, pc, lc, lam=1.0)
+    assert ratio.tolist() == [0.0, 0.0]
+    assert same.tolist() == pytest.approx([1.0 + math.log(2), 0.5 + math.log(2)])
+
+
+def test_kto_values_desirable_above_and_undesirable_below_the_reference_point():
+    policy, ref = t([-1.0, -1.0, -3.0]), t([-2.0, -2.0, -2.0])  # log-ratios 1, 1, -1
+    desirable = torch.tensor([True, False, False])
+    losses, rewards = kto_loss(policy, ref, desirable, reference_point=0.5, beta=2.0, desirable_weight=1.0,
+                               undesirable_weight=1.5)
+    sigmoid = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    expected = [1.0 - sigmoid(2.0 * (1 - 0.5)), 1.5 * (1 - sigmoid(2.0 * (0.5 - 1))), 1.5 * (1 - sigmoid(2.0 * 1.5))]
+    assert losses.tolist() == pytest.approx(expected, rel=1e-12)
+    assert rewards.tolist() == [2.0, 2.0, -2.0]
+
+
+def test_kto_at_the_reference_point_is_half_its_weight_and_the_point_is_clamped_at_zero():
+    policy = t([-2.0, -2.0])
+    at_point, _ = kto_loss(policy, policy, torch.tensor([True, False]), reference_point=-3.0, beta=1.0,
+                           desirable_weight=1.0, undesirable_weight=2.0)
+    assert at_point.tolist() == [0.5, 1.0]  # r = 0 = max(0, -3): sigmoid(0) = 1/2 of each weight
+    far, _ = kto_loss(t([40.0]), t([0.0]), torch.tensor([True]), reference_point=0.0, beta=1.0)
+    assert far.item() < 1e-15  # a desirable completion far above the point costs nothing
+
+
+# RLOO and GRPO: group baselines, the k3 estimator, the clipped loss with its KL term.
+
+def test_rloo_baseline_is_the_mean_of_the_other_samples():
+    rewards = t([[1.0, 2.0, 6.0], [0.0, 0.0, 3.0]])
+    advantages = rloo_advantages(rewards)
+    assert advantages.tolist() == [[1.0 - 4.0, 2.0 - 3.5, 6.0 - 1.5], [-1.5, -1.5, 3.0]]
+    assert advantages.sum(-1).abs().max() < 1e-12  # leave-one-out: each row sums to 0
+    with pytest.raises(ValueError, match="k >= 2"):
+        rloo_advantages(t([[1.0], [2.0]]))
+
+
+def test_group_normalised_advantages_are_per_prompt_z_scores():
+    rewards = t([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]])
+    advantages = group_normalised_advantages(rewards, eps=1e-12)
+    assert advantages[0].tolist() == pytest.approx([-1.0, 0.0, 1.0], rel=1e-9)  # std 1
+    assert advantages[1].tolist() == [0.0, 0.0, 0.0]  # equal rewards: no signal
+
+
+def test_k3_is_zero_at_the_reference_nonnegative_and_unbiased():
+    logprobs = t([-1.0, -2.0, -0.5])
+    assert k3_kl(logprobs, logprobs).tolist() == [0.0, 0.0, 0.0]
+    assert bool((k3_kl(logprobs, t([-3.0, 0.0, -0.1])) >= 0).all())
+    p, q = t([0.7, 0.2, 0.1]), t([0.4, 0.4, 0.2])  # E_p[k3] = KL(p || q) exactly
+    expected = (p * (p / q).log()).sum()
+    assert (p * k3_kl(p.log(), q.log())).sum().item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+def test_grpo_loss_at_the_old_policy_is_minus_the_mean_advantage_plus_beta_kl():
+    logprobs, ref = t([[-1.0, -2.0], [-0.5, -9.0]]), t([[-1.5, -2.0], [-0.5, -9.0]])
+    mask, advantages = t([[1.0, 1.0], [1.0, 0.0]]), t([2.0, -1.0])
+    loss, stats = grpo_loss(logprobs, logprobs, ref, advantages, mask, clip_range=0.2, beta=0.1)
+    kl_first = (math.exp(-0.5) - (-0.5) - 1.0) / 2  # the first completion's mean k3 over its two tokens
+    assert loss.item() == pytest.approx(((-2.0 + 0.1 * kl_first) + 1.0) / 2, rel=1e-12)
+    assert stats["clipfrac"].item() == 0.0
+
+
+def test_grpo_clips_like_ppo_when_beta_is_zero():
+    old, mask = t([[-1.0, -1.0]]), t([[1.0, 1.0]])
+    new = old + math.log(2.0)  # ratio 2 on every token
+    loss, stats = grpo_loss(new, old, old, t([1.0]), mask, clip_range=0.2, beta=0.0)
+    assert loss.item() == pytest.approx(-1.2) and stats["clipfrac"].item() == 1.0
+    ppo, _ = ppo_policy_loss(new, old, t([[1.0, 1.0]]), mask, clip_range=0.2)
+    assert loss.item() == pytest.approx(ppo.item())

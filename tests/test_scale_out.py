@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -84,7 +85,10 @@ def test_dpo_on_two_processes_matches_one_process(ci_world, pairs):
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(one, two)) < LOSS_TOLERANCE
     assert max(abs(a["rewards/accuracy"] - b["rewards/accuracy"]) for a, b in zip(one, two)) < LOSS_TOLERANCE
     assert one[-1]["loss"] < one[0]["loss"] - 0.01  # the runs compared did learn
-    assert set(single.evaluations()["step"]) == {0, steps}
+    rows_one, rows_two = single.evaluations(), pd.read_csv(two_process_twin(single.path) / "evaluations.csv")
+    assert list(rows_one["step"]) == list(rows_two["step"]) == [0, steps]
+    for column in ("reward", "kl", "length"):  # evaluated by the main process: the same policy, the same samples
+        assert np.allclose(rows_one[column], rows_two[column], atol=1e-6), column
 
 
 def test_ppo_on_two_processes_raises_reward_with_one_kl_coefficient(ci_world):

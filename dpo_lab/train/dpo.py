@@ -1,4 +1,4 @@
-"""One trainer for pairwise offline objectives: DPO and its variants, Unlikelihood, Preferred-FT.
+"""One trainer for pairwise offline objectives: DPO and its variants, Unlikelihood, Preferred-FT, SimPO, ORPO, KTO.
 
 Equations refer to Rafailov et al. 2023 (arXiv 2305.18290); the loss functions themselves are
 the pure tensor functions of :mod:`dpo_lab.losses`. For a preference pair (x, y_w, y_l):
@@ -12,6 +12,10 @@ the pure tensor functions of :mod:`dpo_lab.losses`. For a preference pair (x, y_
   each pair (Section 4): high where the implicit reward orders the pair wrongly (``dpo_weight``).
 - ``unlikelihood``: -log pi(y_w|x) - alpha sum_t log(1 - pi(y_l,t|x, y_l,<t)).
 - ``preferred-ft``: -log pi(y_w|x), supervised fine-tuning on the chosen completions only.
+- ``simpo``, ``orpo``, ``kto``: the objectives of :func:`dpo_lab.losses.simpo_loss` (reference-free,
+  length-normalised, margin ``gamma``), :func:`dpo_lab.losses.orpo_loss` (mean NLL of y_w plus
+  ``lam`` times an odds-ratio term, reference-free) and :func:`dpo_lab.losses.kto_loss` (each pair
+  read as one desirable and one undesirable completion; see :meth:`Objective.pair_losses`).
 
 The loop, over ``accelerate.Accelerator`` (mixed precision from the profile, gradient accumulation
 and data parallelism under ``accelerate launch``):
@@ -52,12 +56,22 @@ from tqdm.auto import tqdm
 
 from dpo_lab import lm, processes, runtime, storage
 from dpo_lab.guards import check_finite
-from dpo_lab.losses import LOSS_TYPES, dpo_loss, ordered_share, preferred_ft_loss, unlikelihood_loss
+from dpo_lab.losses import (
+    LOSS_TYPES,
+    dpo_loss,
+    kto_loss,
+    log1mexp,
+    ordered_share,
+    orpo_loss,
+    preferred_ft_loss,
+    simpo_loss,
+    unlikelihood_loss,
+)
 from dpo_lab.preferences import load_preferences
 from dpo_lab.profiles import OfflineTrainSpec
 from dpo_lab.runs import Checkpointer, Run, start_or_resume, training_run
 
-METHODS = ("dpo", "unlikelihood", "preferred-ft")
+METHODS = ("dpo", "unlikelihood", "preferred-ft", "simpo", "orpo", "kto")
 REFERENCE_MODES = ("cached", "on-the-fly")
 REFERENCE_FILE = "reference_logps.safetensors"
 
@@ -67,28 +81,34 @@ class Objective:
     """What a run optimises: the method and its hyperparameters, validated on creation."""
 
     method: str
-    """``dpo``, ``unlikelihood`` or ``preferred-ft``."""
+    """``dpo``, ``unlikelihood``, ``preferred-ft``, ``simpo``, ``orpo`` or ``kto``."""
     beta: float = 0.1
-    """DPO: the KL coefficient beta of Eq. 3 and 7."""
+    """DPO and KTO: the KL coefficient beta of Eq. 3 and 7; SimPO: the reward scale."""
     loss_type: str = "sigmoid"
     """DPO: one of ``dpo_lab.losses.LOSS_TYPES``."""
     label_smoothing: float = 0.0
     """DPO (``cdpo``, ``robust``): the assumed label-flip rate, in [0, 0.5)."""
     alpha: float = 1.0
     """Unlikelihood: weight of the unlikelihood term on the rejected completion."""
+    gamma: float = 0.5
+    """SimPO: the target reward margin (>= 0)."""
+    lam: float = 0.1
+    """ORPO: the weight lambda of the odds-ratio term (>= 0)."""
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown offline method {self.method!r}; known: {', '.join(METHODS)}")
+        if self.method in ("dpo", "simpo", "kto") and not (math.isfinite(self.beta) and self.beta > 0):
+            raise ValueError(f"beta must be a finite number > 0, got {self.beta}")
         if self.method == "dpo":
             if self.loss_type not in LOSS_TYPES:
                 raise ValueError(f"unknown loss type {self.loss_type!r}; known: {', '.join(LOSS_TYPES)}")
-            if not (math.isfinite(self.beta) and self.beta > 0):
-                raise ValueError(f"beta must be a finite number > 0, got {self.beta}")
             if not 0.0 <= self.label_smoothing < 0.5:
                 raise ValueError(f"label smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if self.method == "unlikelihood" and not (math.isfinite(self.alpha) and self.alpha >= 0):
-            raise ValueError(f"alpha must be a finite number >= 0, got {self.alpha}")
+        for name, method in (("alpha", "unlikelihood"), ("gamma", "simpo"), ("lam", "orpo")):
+            value = getattr(self, name)
+            if self.method == method and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
 
     @property
     def name(self) -> str:
@@ -99,8 +119,8 @@ class Objective:
 
     @property
     def uses_reference(self) -> bool:
-        """Whether the loss needs log pi_ref (only the DPO family)."""
-        return self.method == "dpo"
+        """Whether the loss needs log pi_ref (the DPO family and KTO; SimPO and ORPO are reference-free)."""
+        return self.method in ("dpo", "kto")
 
     @property
     def uses_rejected(self) -> bool:
@@ -111,13 +131,14 @@ class Objective:
         """The hyperparameters this method reads (the others do not enter the run's configuration)."""
         if self.method == "dpo":
             return {"beta": self.beta, "loss_type": self.loss_type, "label_smoothing": self.label_smoothing}
-        return {"alpha": self.alpha} if self.method == "unlikelihood" else {}
+        return {"unlikelihood": {"alpha": self.alpha}, "simpo": {"beta": self.beta, "gamma": self.gamma},
+                "orpo": {"lam": self.lam}, "kto": {"beta": self.beta}}.get(self.method, {})
 
     def hyperparameter(self, seed: int) -> tuple[str, float]:
-        """``(name, value)`` of the swept hyperparameter: beta, alpha, or the seed for Preferred-FT."""
-        if self.method == "dpo":
+        """``(name, value)`` of the swept hyperparameter: beta, alpha, lam, or the seed for Preferred-FT."""
+        if self.method in ("dpo", "simpo", "kto"):
             return "beta", self.beta
-        return ("alpha", self.alpha) if self.method == "unlikelihood" else ("seed", seed)
+        return {"unlikelihood": ("alpha", self.alpha), "orpo": ("lam", self.lam)}.get(self.method, ("seed", seed))
 
     def loss(self, token_logps: Tensor, mask: Tensor, reference: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
         """The mean loss over a micro-batch of B pairs, and detached statistics.
@@ -132,19 +153,48 @@ class Objective:
             stats = {"logps/chosen": sequence.mean()}
         else:
             n = sequence.shape[0] // 2
-            chosen, rejected = sequence[:n], sequence[n:]
-            stats = {"logps/chosen": chosen.mean(), "logps/rejected": rejected.mean()}
-            if self.method == "unlikelihood":
-                losses = unlikelihood_loss(token_logps[:n], mask[:n], token_logps[n:], mask[n:], self.alpha)
-            else:
-                losses, reward_w, reward_l = dpo_loss(chosen, rejected, reference[:, 0], reference[:, 1], self.beta,
-                                                      self.loss_type, self.label_smoothing)
+            stats = {"logps/chosen": sequence[:n].mean(), "logps/rejected": sequence[n:].mean()}
+            losses, rewards = self.pair_losses(token_logps, mask, reference)
+            if rewards is not None:
+                reward_w, reward_l = rewards
                 stats |= {"rewards/chosen": reward_w.mean(), "rewards/rejected": reward_l.mean(),
                           "rewards/accuracy": ordered_share(reward_w, reward_l),
                           "rewards/margin": (reward_w - reward_l).mean(),
                           "dpo_weight": torch.sigmoid(reward_l - reward_w).mean()}
         loss = losses.mean()
         return loss, {"loss": loss, **stats}
+
+    def pair_losses(self, token_logps: Tensor, mask: Tensor,
+                    reference: Tensor | None) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """(B,) losses of the pairs of :meth:`loss`'s (2B, T) inputs, and the implicit rewards of chosen and
+        rejected ((B,) each; ``None`` for Unlikelihood; ORPO's are its per-completion log odds).
+
+        KTO takes each pair as one desirable (y_w) and one undesirable (y_l) example; a pair's loss
+        is the mean of the two, and the reference point z0 is the batch's mean log pi / pi_ref over
+        its 2B completions (detached, clamped at 0).
+        """
+        n = token_logps.shape[0] // 2
+        sequence, lengths = token_logps.sum(-1), mask.sum(-1)
+        chosen, rejected = sequence[:n], sequence[n:]
+        if self.method == "unlikelihood":
+            return unlikelihood_loss(token_logps[:n], mask[:n], token_logps[n:], mask[n:], self.alpha), None
+        if self.method == "simpo":
+            losses, reward_w, reward_l = simpo_loss(chosen, lengths[:n], rejected, lengths[n:], self.beta, self.gamma)
+            return losses, (reward_w, reward_l)
+        if self.method == "orpo":
+            losses, _ = orpo_loss(chosen, lengths[:n], rejected, lengths[n:], self.lam)
+            means = (sequence / lengths).detach()
+            odds = means - log1mexp(means)
+            return losses, (odds[:n], odds[n:])
+        if self.method == "kto":
+            ref = torch.cat([reference[:, 0], reference[:, 1]])
+            desirable = torch.arange(2 * n, device=sequence.device) < n
+            z0 = (sequence - ref).detach().mean()
+            losses, rewards = kto_loss(sequence, ref, desirable, z0, self.beta)
+            return losses.view(2, n).mean(0), (rewards[:n], rewards[n:])
+        losses, reward_w, reward_l = dpo_loss(chosen, rejected, reference[:, 0], reference[:, 1], self.beta,
+                                              self.loss_type, self.label_smoothing)
+        return losses, (reward_w, reward_l)
 
 
 @dataclass(frozen=True)
@@ -334,13 +384,15 @@ class OfflineStep:
                           "pairs_per_s": len(indices) / (time.perf_counter() - started)}
 
     def state_dict(self) -> dict:
-        """Optimiser and schedule state, for a checkpoint (the RNG state is the checkpointer's)."""
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        """Optimiser, schedule and (fp16) gradient-scaler state, for a checkpoint (the RNG state is the checkpointer's)."""
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                **runtime.scaler_state(self.accelerator)}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` saved."""
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        runtime.load_scaler_state(self.accelerator, state)
 
 
 def offline_run(world, pairs_path: str | Path, objective: Objective, spec: OfflineTrainSpec, reference: str) -> Run:
@@ -366,7 +418,8 @@ def offline_step(world, pairs_path: str | Path, pairs: Pairs, objective: Objecti
 
 
 def train_offline(world, pairs_path: str | Path, method: str, *, beta: float = 0.1, loss_type: str = "sigmoid",
-                  label_smoothing: float = 0.0, alpha: float = 1.0, seed: int | None = None,
+                  label_smoothing: float = 0.0, alpha: float = 1.0, gamma: float = 0.5, lam: float = 0.1,
+                  seed: int | None = None,
                   overrides: OfflineTrainSpec | None = None, reference: str = "cached",
                   device: torch.device | str | None = None, progress: bool = True) -> Run:
     """Train (or resume, or find finished) one offline run and return its :class:`~dpo_lab.runs.Run`.
@@ -379,7 +432,8 @@ def train_offline(world, pairs_path: str | Path, method: str, *, beta: float = 0
     log pi_ref. The run's evaluations are ``run.evaluations()``, its step metrics ``run.metrics()``.
     Malformed preference data raises :class:`dpo_lab.preferences.PreferenceDataError` before training.
     """
-    objective = Objective(method, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, alpha=alpha)
+    objective = Objective(method, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, alpha=alpha,
+                          gamma=gamma, lam=lam)
     progress = progress and processes.is_main_process()
     spec = overrides or world.profile.offline
     spec = spec if seed is None else dataclasses.replace(spec, seed=seed)

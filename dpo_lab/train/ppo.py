@@ -92,7 +92,7 @@ from dpo_lab.losses import (
 )
 from dpo_lab.profiles import PPOSpec
 from dpo_lab.runs import Checkpointer, Run, start_or_resume, training_run
-from dpo_lab.sentiment import check_finite_scores, score_ids
+from dpo_lab.sentiment import NonFiniteScoreError, check_finite_scores, score_ids
 from dpo_lab.train.reward import load_reward_model
 
 ScoreFn = Callable[[Sequence[Sequence[int]], Sequence[Sequence[int]]], Tensor]
@@ -290,8 +290,11 @@ def collect_rollout(ppo: PPOSetup, prompts: list[list[int]], normalise: ScoreNor
                                             batch_size=generation_batch_size)
     time_generation = time.perf_counter() - timer
     scores = ppo.score(prompts, completions).float().cpu()
+    finite = processes.mean_over_processes(accelerator, {"finite": float(torch.isfinite(scores).all())})["finite"]
     check_finite_scores(scores, lambda i: f"prompt {tokenizer.decode(prompts[i])!r} with completion "
                                           f"{tokenizer.decode(completions[i])!r}", ppo.score_source)
+    if finite < 1.0:  # every process stops at the same iteration
+        raise NonFiniteScoreError(f"{ppo.score_source}: a non-finite score on another process of this launch")
     time_scoring = time.perf_counter() - timer - time_generation
     gold = {} if ppo.uses_ground_truth else {"gold_score": score_ids(ppo.ground_truth, tokenizer, prompts,
                                                                      completions).float().mean().item()}
@@ -474,6 +477,7 @@ def train_ppo(world, *, target_kl: float | None, use_ground_truth: bool, reward_
         ppo.optimizer.load_state_dict(resume[1]["optimizer"])
         kl_control.value = resume[1]["kl_coef"]
         normalise.mean, normalise.std = resume[1]["score_mean"], resume[1]["score_std"]
+        runtime.load_scaler_state(ppo.accelerator, resume[1])
     done, wall_before = start_or_resume(run, resume, seed, ppo.accelerator.device)
     checkpoint = Checkpointer(run, world, ppo.reference, ppo.tokenizer, ppo.ground_truth, spec.iterations,
                               ppo.accelerator)
@@ -490,7 +494,8 @@ def ppo_loop(ppo: PPOSetup, checkpoint: Checkpointer, kl_control: KLController, 
 
     def save(iteration: int) -> None:
         state = {"value_head": model.value_head.state_dict(), "optimizer": ppo.optimizer.state_dict(),
-                 "kl_coef": kl_control.value, "score_mean": normalise.mean, "score_std": normalise.std}
+                 "kl_coef": kl_control.value, "score_mean": normalise.mean, "score_std": normalise.std,
+                 **runtime.scaler_state(ppo.accelerator)}
         checkpoint(iteration, model.policy, wall_before + time.time() - started, lambda: state)
 
     if iterations.start == 0:

@@ -273,6 +273,7 @@ def _train(world, pairs_path: Path, folder: Path, device, progress: bool) -> Non
 
     runtime.seed_everything(spec.seed)
     accelerator = runtime.make_accelerator(device, world.profile.mixed_precision)
+    processes.check_split(accelerator.num_processes, **{"RewardSpec.batch_size": spec.batch_size})
     model, tokenizer = init_reward_model(world, spec)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr)
     loader = torch.utils.data.DataLoader(train_pairs, batch_size=spec.batch_size, shuffle=True,
@@ -288,6 +289,8 @@ def _train(world, pairs_path: Path, folder: Path, device, progress: bool) -> Non
     probe = [train_pairs[i] for i in np.random.default_rng(spec.seed).permutation(len(train_pairs))[:len(val_pairs)]]
     train_accuracy, train_loss = pair_accuracy(unwrapped, probe, spec.batch_size)
     unwrapped.offset = unwrapped.raw_rewards(*sft_samples(dataset)).mean().item()
+    if not processes.is_main_process():  # the others built into a scratch folder (storage.cached_artifact)
+        return
     unwrapped.save(folder, tokenizer)
     storage.write_json(folder / METRICS, {
         "val_accuracy": best["val_accuracy"], "best_step": best["step"], "best_epoch": best["epoch"],
@@ -297,13 +300,15 @@ def _train(world, pairs_path: Path, folder: Path, device, progress: bool) -> Non
         "train_prompts": len({prompt_of_row[i] for i in train_rows}),
         "val_prompts": len({prompt_of_row[i] for i in val_rows}),
         "steps": steps, "train_seconds": train_seconds, "seconds": time.time() - started, "history": history,
+        "processes": accelerator.num_processes,
     })
 
 
 def reward_config(world, pairs_path: str | os.PathLike) -> dict:
     """The cache key of a reward model: its spec, precision, the pairs folder and the held-out evaluation."""
     profile = world.profile
-    return {"reward": storage.keyed(profile.reward, "base"), "mixed_precision": profile.mixed_precision, "pairs": Path(pairs_path).name,
+    return {"reward": storage.keyed(profile.reward, "base"),
+            "mixed_precision": profile.mixed_precision, "pairs": Path(pairs_path).name,
             "heldout": {"seed": HELDOUT_SEED, "sampling": profile.sampling,
                         "test_prompts": storage.fingerprint(world.test_prompts)}}
 

@@ -165,16 +165,16 @@ def train_sft(spec: PolicySpec, tokenizer_dir: str | os.PathLike, train_texts: S
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    model = accelerator.unwrap_model(model).eval()
-    train_seconds = time.time() - started
-
+    model, train_seconds = accelerator.unwrap_model(model).eval(), time.time() - started
     metrics = {"val_perplexity": perplexity(model, test_ids, pad_id), "steps": steps,
                "train_docs": len(train_ids), "val_docs": len(test_ids), "train_seconds": round(train_seconds, 1),
-               "parameters": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer)}
-    lm.save_causal_lm(model, tokenizer, out_dir / "policy")
-    storage.write_json(out_dir / "metrics.json", metrics)
-    storage.write_json(out_dir / "samples.json", decoded_samples(model, tokenizer, sample_prompts,
-                                                                 spec.sft_max_length, spec.seed))
+               "parameters": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer),
+               "processes": accelerator.num_processes}
+    if processes.is_main_process():  # the others built into a scratch folder (storage.cached_artifact)
+        lm.save_causal_lm(model, tokenizer, out_dir / "policy")
+        storage.write_json(out_dir / "metrics.json", metrics)
+        storage.write_json(out_dir / "samples.json", decoded_samples(model, tokenizer, sample_prompts,
+                                                                     spec.sft_max_length, spec.seed))
     return metrics
 
 
