@@ -45,8 +45,8 @@ from dpo_lab.kl import sequence_kl, token_kl_and_logps
 from dpo_lab.losses import dpo_loss, group_normalised_advantages, grpo_loss, masked_sum, rloo_advantages
 from dpo_lab.profiles import OnlineSpec
 from dpo_lab.runs import Checkpointer, Run, start_or_resume, training_run
-from dpo_lab.sentiment import NonFiniteScoreError, check_finite_scores, score_ids
-from dpo_lab.train.ppo import ScoreNormaliser, rollout_batch, rollout_prompts
+from dpo_lab.sentiment import score_ids
+from dpo_lab.train.ppo import ScoreNormaliser, checked_scores, rollout_batch, rollout_prompts
 from dpo_lab.train.reward import load_reward_model
 
 METHODS = ("rloo", "grpo", "online-dpo")
@@ -130,12 +130,7 @@ def collect(online: OnlineSetup, prompts: list[list[int]], normalise: ScoreNorma
         completions = lm.sample_completions(accelerator.unwrap_model(online.policy), repeated,
                                             max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id,
                                             pad_id=tokenizer.pad_token_id, batch_size=generation_batch_size)
-    scores = online.score(repeated, completions).float().cpu()
-    finite = processes.mean_over_processes(accelerator, {"finite": float(torch.isfinite(scores).all())})["finite"]
-    check_finite_scores(scores, lambda i: f"prompt {tokenizer.decode(repeated[i])!r} with completion "
-                                          f"{tokenizer.decode(completions[i])!r}", online.score_source)
-    if finite < 1.0:  # every process stops at the same iteration
-        raise NonFiniteScoreError(f"{online.score_source}: a non-finite score on another process of this launch")
+    scores = checked_scores(accelerator, online.score, online.score_source, tokenizer, repeated, completions)
     pooled = accelerator.gather(scores.to(accelerator.device)).cpu() if normalise.mean is None else None
     batch = {k: v.to(accelerator.device) for k, v in rollout_batch(repeated, completions,
                                                                    tokenizer.pad_token_id).items()}

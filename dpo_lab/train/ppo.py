@@ -274,6 +274,22 @@ def teacher_forced(model: PolicyWithValue, reference: nn.Module, batch: dict[str
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
+def checked_scores(accelerator: Accelerator, score: ScoreFn, source: str, tokenizer,
+                   prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]) -> Tensor:
+    """``score(prompts, completions)`` as float32 (N,) on the CPU, every one finite on every process.
+
+    A NaN or infinite score raises :class:`NonFiniteScoreError` naming the sample (``source`` names
+    the scorer); under several processes every process raises at the same iteration.
+    """
+    scores = score(prompts, completions).float().cpu()
+    finite = processes.mean_over_processes(accelerator, {"finite": float(torch.isfinite(scores).all())})["finite"]
+    check_finite_scores(scores, lambda i: f"prompt {tokenizer.decode(prompts[i])!r} with completion "
+                                          f"{tokenizer.decode(completions[i])!r}", source)
+    if finite < 1.0:
+        raise NonFiniteScoreError(f"{source}: a non-finite score on another process of this launch")
+    return scores
+
+
 def collect_rollout(ppo: PPOSetup, prompts: list[list[int]], normalise: ScoreNormaliser, kl_coef: float,
                     max_new_tokens: int, generation_batch_size: int) -> Rollout:
     """Steps 1-3 of the module docstring for one batch of ``prompts``: sample, score, reward, GAE.
@@ -289,12 +305,7 @@ def collect_rollout(ppo: PPOSetup, prompts: list[list[int]], normalise: ScoreNor
                                             eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
                                             batch_size=generation_batch_size)
     time_generation = time.perf_counter() - timer
-    scores = ppo.score(prompts, completions).float().cpu()
-    finite = processes.mean_over_processes(accelerator, {"finite": float(torch.isfinite(scores).all())})["finite"]
-    check_finite_scores(scores, lambda i: f"prompt {tokenizer.decode(prompts[i])!r} with completion "
-                                          f"{tokenizer.decode(completions[i])!r}", ppo.score_source)
-    if finite < 1.0:  # every process stops at the same iteration
-        raise NonFiniteScoreError(f"{ppo.score_source}: a non-finite score on another process of this launch")
+    scores = checked_scores(accelerator, ppo.score, ppo.score_source, tokenizer, prompts, completions)
     time_scoring = time.perf_counter() - timer - time_generation
     gold = {} if ppo.uses_ground_truth else {"gold_score": score_ids(ppo.ground_truth, tokenizer, prompts,
                                                                      completions).float().mean().item()}
