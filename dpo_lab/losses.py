@@ -458,6 +458,22 @@ def rloo_advantages(rewards: Tensor) -> Tensor:
     return rewards - others
 
 
+def clipped_sequence_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, clip_range: float) -> Tensor:
+    """REINFORCE with a clipped sequence-level ratio: RLOO's update when one rollout feeds several steps.
+
+    ``logprobs``, ``old_logprobs``: (B,) summed completion log-probabilities under the current and the
+    sampling policy; ``advantages``: (B,). Loss: mean of -min(ratio A, clip(ratio, 1 - c, 1 + c) A),
+    ratio = pi(y|x) / pi_old(y|x). At ratio 1 (the first step on a rollout) its gradient is exactly
+    REINFORCE's, -A grad log pi(y|x) (Ahmadian et al. 2024); later steps on the same samples are
+    importance-weighted and clipped, as in PPO, instead of silently off-policy.
+    """
+    check_same_shape(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages)
+    if not clip_range > 0:
+        raise ValueError(f"clip_range must be > 0, got clip_range={clip_range}")
+    ratio = torch.exp(logprobs - old_logprobs)
+    return -torch.minimum(ratio * advantages, ratio.clamp(1.0 - clip_range, 1.0 + clip_range) * advantages).mean()
+
+
 def group_normalised_advantages(rewards: Tensor, eps: float = 1e-4) -> Tensor:
     """GRPO's advantages (Shao et al. 2024, arXiv 2402.03300, Section 4.1.2): rewards standardised per prompt.
 

@@ -10,6 +10,7 @@ import torch
 from dpo_lab.losses import (
     LOSS_TYPES,
     bradley_terry_loss,
+    clipped_sequence_loss,
     dpo_loss,
     gae_advantages,
     group_normalised_advantages,
@@ -356,3 +357,14 @@ def test_grpo_clips_like_ppo_when_beta_is_zero():
     assert loss.item() == pytest.approx(-1.2) and stats["clipfrac"].item() == 1.0
     ppo, _ = ppo_policy_loss(new, old, t([[1.0, 1.0]]), mask, clip_range=0.2)
     assert loss.item() == pytest.approx(ppo.item())
+
+
+def test_clipped_sequence_loss_is_reinforce_at_ratio_one_and_clips_after():
+    logprobs = t([-3.0, -5.0]).requires_grad_()
+    advantages = t([2.0, -1.0])
+    loss = clipped_sequence_loss(logprobs, logprobs.detach(), advantages, clip_range=0.2)
+    loss.backward()
+    assert loss.item() == pytest.approx(-0.5)  # -mean(A) at ratio 1
+    assert logprobs.grad.tolist() == pytest.approx([-1.0, 0.5])  # -A / B: REINFORCE's gradient
+    moved = clipped_sequence_loss(t([-3.0 + math.log(2.0)]), t([-3.0]), t([1.0]), clip_range=0.2)
+    assert moved.item() == pytest.approx(-1.2)  # ratio 2, A > 0: clipped at 1 + c

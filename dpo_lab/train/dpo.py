@@ -171,7 +171,10 @@ class Objective:
 
         KTO takes each pair as one desirable (y_w) and one undesirable (y_l) example; a pair's loss
         is the mean of the two, and the reference point z0 is the batch's mean log pi / pi_ref over
-        its 2B completions (detached, clamped at 0).
+        its own 2B completions (detached, clamped at 0). That is not the paper's estimate (mismatched
+        prompt-completion pairs, one more forward pass): once training pushes the rejected
+        log-ratios down, the mean turns negative and the clamp holds z0 at 0, so this is close to
+        KTO's z0 = 0 ablation.
         """
         n = token_logps.shape[0] // 2
         sequence, lengths = token_logps.sum(-1), mask.sum(-1)

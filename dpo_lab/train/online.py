@@ -12,7 +12,9 @@ value model: the other samples of the same prompt are the baseline. One iteratio
 
    - ``rloo`` (Ahmadian et al. 2024): reward r_i = s_hat_i - beta * sum_t log(pi / pi_ref) (the
      KL in the reward, as PPO has it), leave-one-out advantages
-     (:func:`dpo_lab.losses.rloo_advantages`), REINFORCE: loss -A_i log pi(y_i|x);
+     (:func:`dpo_lab.losses.rloo_advantages`), REINFORCE: loss -A_i log pi(y_i|x) on the first step
+     of a rollout, importance-weighted and clipped at the sequence level on the steps after it
+     (:func:`dpo_lab.losses.clipped_sequence_loss`);
    - ``grpo`` (Shao et al. 2024): group-normalised advantages of s_hat
      (:func:`dpo_lab.losses.group_normalised_advantages`), PPO's clipped ratio per token and
      beta times the k3 KL estimator *in the loss* (:func:`dpo_lab.losses.grpo_loss`);
@@ -42,7 +44,14 @@ from tqdm.auto import tqdm
 from dpo_lab import lm, processes, runtime, storage
 from dpo_lab.guards import check_finite
 from dpo_lab.kl import sequence_kl, token_kl_and_logps
-from dpo_lab.losses import dpo_loss, group_normalised_advantages, grpo_loss, masked_sum, rloo_advantages
+from dpo_lab.losses import (
+    clipped_sequence_loss,
+    dpo_loss,
+    group_normalised_advantages,
+    grpo_loss,
+    masked_sum,
+    rloo_advantages,
+)
 from dpo_lab.profiles import OnlineSpec
 from dpo_lab.runs import Checkpointer, Run, start_or_resume, training_run
 from dpo_lab.sentiment import score_ids
@@ -104,7 +113,8 @@ def setup(world, method: str, beta: float, spec: OnlineSpec, reward_model_path: 
           policy_dir: Path | None, device) -> OnlineSetup:
     """Policy (from ``policy_dir``, default pi_SFT), frozen pi_ref, scorers and a fresh Adam."""
     accelerator = runtime.make_accelerator(device, world.profile.mixed_precision)
-    processes.check_split(accelerator.num_processes, **{"OnlineSpec.prompts_per_iteration": spec.prompts_per_iteration})
+    processes.check_split(accelerator.num_processes, **{"OnlineSpec.prompts_per_iteration": spec.prompts_per_iteration,
+                                                        "OnlineSpec.minibatch_size": spec.minibatch_size})
     policy, tokenizer = lm.load_causal_lm(policy_dir or world.sft_dir, accelerator.device)
     reference, _ = lm.load_causal_lm(world.sft_dir, accelerator.device)
     reference.requires_grad_(False)
@@ -148,7 +158,8 @@ def sample_losses(online: OnlineSetup, rollout: GroupRollout, rows: Tensor, logp
     """The minibatch loss of RLOO or GRPO for the samples ``rows``; ``logprobs``: (b, L) under the current policy."""
     mask = rollout.mask[rows]
     if online.method == "rloo":
-        return -(advantages[rows] * masked_sum(logprobs, mask, dim=-1)).mean()
+        return clipped_sequence_loss(masked_sum(logprobs, mask, dim=-1), masked_sum(rollout.logprobs[rows], mask, dim=-1),
+                                     advantages[rows], online.spec.clip_range)
     loss, _ = grpo_loss(logprobs, rollout.logprobs[rows], rollout.ref_logprobs[rows], advantages[rows], mask,
                         online.spec.clip_range, online.beta)
     return loss
@@ -204,7 +215,7 @@ def optimise(online: OnlineSetup, rollout: GroupRollout) -> dict[str, float]:
     advantages = None if online.method == "online-dpo" else advantages_of(online, rollout)
     chosen, rejected = pairs_of(rollout, accelerator) if online.method == "online-dpo" else (None, None)
     units = len(chosen) if chosen is not None else len(rollout.scores)
-    size = max(1, spec.minibatch_size // (2 if chosen is not None else 1))
+    size = max(1, spec.minibatch_size // accelerator.num_processes // (2 if chosen is not None else 1))
     losses = []
     for _ in range(spec.epochs):
         for part in torch.randperm(units).split(size):
@@ -266,6 +277,7 @@ def train_online(world, method: str, *, beta: float, use_ground_truth: bool, rew
     if resume:
         online.optimizer.load_state_dict(resume[1]["optimizer"])
         normalise.mean, normalise.std = resume[1]["score_mean"], resume[1]["score_std"]
+        runtime.load_scaler_state(online.accelerator, resume[1])
     done, wall_before = start_or_resume(run, resume, seed, online.accelerator.device)
     checkpoint = Checkpointer(run, world, online.reference, online.tokenizer, online.ground_truth, spec.iterations,
                               online.accelerator)
