@@ -87,23 +87,24 @@ def mean_over_processes(accelerator: Accelerator, values: dict[str, float]) -> d
     return dict(zip(values, accelerator.reduce(stacked, reduction="mean").tolist()))
 
 
-def min_over_processes(accelerator: Accelerator, value: float) -> float:
-    """The smallest ``value`` over the processes (``value`` itself for one process)."""
-    if accelerator.num_processes == 1:
-        return value
+def gathered(accelerator: Accelerator, value: float):
+    """``value`` from every process, as a float64 tensor (P,) on this process's device."""
     import torch
 
-    return float(accelerator.gather(torch.tensor([float(value)], dtype=torch.float64, device=accelerator.device)).min())
+    return accelerator.gather(torch.tensor([float(value)], dtype=torch.float64, device=accelerator.device))
+
+
+def min_over_processes(accelerator: Accelerator, value: float) -> float:
+    """The smallest ``value`` over the processes (``value`` itself for one process)."""
+    return value if accelerator.num_processes == 1 else float(gathered(accelerator, value).min())
 
 
 def spread_over_processes(accelerator: Accelerator, value: float) -> float:
     """max - min of ``value`` over the processes (0.0 for one process): 0 where they must agree."""
     if accelerator.num_processes == 1:
         return 0.0
-    import torch
-
-    gathered = accelerator.gather(torch.tensor([float(value)], dtype=torch.float64, device=accelerator.device))
-    return float(gathered.max() - gathered.min())
+    values = gathered(accelerator, value)
+    return float(values.max() - values.min())
 
 
 def check_split(num_processes: int, **sizes: int) -> None:
