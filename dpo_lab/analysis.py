@@ -140,3 +140,12 @@ def achieved_kl(table: pd.DataFrame, methods: Iterable[str] = ("ppo", "ppo-gt"),
                      "final KL": run["kl"].iloc[-1], f"min of last {last}": tail.min(),
                      f"max of last {last}": tail.max()})
     return pd.DataFrame(rows).sort_values(["method", "target KL"]).set_index("method")
+
+
+def training_cost(table: pd.DataFrame) -> pd.DataFrame:
+    """Each method's training cost: its number of runs, and the median and total wall time of a run in
+    seconds (a run's ``wall_s`` at its last checkpoint; Best-of-N's rows share one run). Needs ``wall_s``."""
+    if "wall_s" not in table.columns:
+        raise ValueError(f"training cost needs a 'wall_s' column; the table has {list(table.columns)}")
+    per_run = table.groupby(["method", "run_id"], sort=False)["wall_s"].max().groupby("method", sort=False)
+    return pd.DataFrame({"runs": per_run.size(), "median s per run": per_run.median(), "total s": per_run.sum()})

@@ -256,7 +256,8 @@ class FrontierArgs:
     """Options of ``dpo-lab frontier``."""
 
     methods: str | None = field(default=None, metadata={
-        "help": "Comma-separated subset of methods to run; default: every method swept in the profile."})
+        "help": "Comma-separated methods to run, or the groups paper (Figure 2's methods, the default), modern "
+                "(the methods since the paper) and all."})
     jobs: int = field(default=1, metadata={
         "help": "Runs at once, in local worker processes: one GPU each on a GPU machine, else an equal share of "
                 "the CPU cores each. The upstream artifacts are built first, once."})
@@ -289,6 +290,7 @@ def run_figures(argv: list[str]) -> None:
 
     from dpo_lab import storage
     from dpo_lab.frontier import RESULTS_FILE, results_path, write_report
+    from dpo_lab.temperature import temperature_path, write_temperature_report
 
     (common,) = parse("dpo-lab figures", argv)
     names = [common.profile] if common.profile else sorted(
@@ -299,8 +301,45 @@ def run_figures(argv: list[str]) -> None:
         path = results_path(name)
         if not path.exists():
             raise ValueError(f"no results table at {path}; run `dpo-lab frontier --profile {name}` first")
-        for written in write_report(get_profile(name), pd.read_csv(path)):
-            print(f"wrote {written}")
+        written = write_report(get_profile(name), pd.read_csv(path))
+        if temperature_path(name).exists():
+            written += write_temperature_report(name, pd.read_csv(temperature_path(name)))
+        for each in written:
+            print(f"wrote {each}")
+
+
+@dataclass
+class TemperatureArgs:
+    """Options of ``dpo-lab temperature``."""
+
+    methods: str | None = field(default=None, metadata={
+        "help": "Comma-separated methods of the results table whose best run is sampled; default: dpo, ppo and "
+                "the method since the paper whose best run scores highest."})
+
+
+def run_temperature(argv: list[str]) -> None:
+    """``dpo-lab temperature``: the temperature experiment on the frontier table's best runs; table and figure."""
+    import pandas as pd
+
+    from dpo_lab.frontier import results_path
+    from dpo_lab.pipeline import Pipeline
+    from dpo_lab.temperature import best_modern_method, temperature_experiment, write_temperature_report
+
+    common, args = parse("dpo-lab temperature", argv, TemperatureArgs)
+    profile = profile_of(common)
+    path = results_path(profile.name)
+    if not path.exists():
+        raise ValueError(f"no results table at {path}; run `dpo-lab frontier --profile {profile.name}` first")
+    table = pd.read_csv(path)
+    if args.methods is None:
+        modern = best_modern_method(table, max(profile.sweep.kl_budgets))
+        methods = ["dpo", "ppo"] + ([modern] if modern else [])
+    else:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    frame = temperature_experiment(Pipeline(profile, device=common.device), table, methods)
+    print(frame.drop(columns=["run_id", "hyperparameter"]).to_string(index=False, float_format="{:.3f}".format))
+    for written in write_temperature_report(profile.name, frame):
+        print(f"wrote {written}")
 
 
 COMMANDS: dict[str, tuple[str, Callable[[list[str]], None]]] = {
@@ -311,6 +350,7 @@ COMMANDS: dict[str, tuple[str, Callable[[list[str]], None]]] = {
     "train": ("train one run of a method (dpo-lab train --help lists them)", run_train),
     "best-of-n": ("best-of-N sampling from pi_SFT: ground-truth reward and KL per N (--n, --scorer)", run_best_of_n),
     "frontier": ("the main job: every method of Figure 2 (left), evaluated, tabled and plotted", run_frontier),
+    "temperature": ("Figure 2 (right) transferred: the best runs sampled at several temperatures", run_temperature),
     "figures": ("redraw every figure from the committed results tables (no training)", run_figures),
 }
 """name -> (one-line help, function taking argv)."""

@@ -34,11 +34,12 @@ from dpo_lab.analysis import (
     completion_lengths,
     dominated_share,
     reward_at_matched_kl,
+    training_cost,
     with_kl_per_token,
 )
-from dpo_lab.methods import REGISTRY, RunRequest, get_method, swept_methods
+from dpo_lab.methods import REGISTRY, RunRequest, expand_methods, get_method, group_rows, swept_methods
 from dpo_lab.pipeline import Pipeline
-from dpo_lab.plots import plot_frontier, plot_training_curves
+from dpo_lab.plots import plot_frontier, plot_modern_frontier, plot_training_curves
 from dpo_lab.profiles import Profile
 
 RESULTS_FILE = "frontier.csv"
@@ -64,17 +65,19 @@ class SweepEntry:
 
     def run(self, pipeline: Pipeline, device: str | None, progress: bool) -> pd.DataFrame:
         """Train (or find finished) this run with its method's training function; its evaluation rows."""
-        request = RunRequest(self.hyperparameter, seed=self.seed, device=device, progress=progress)
-        return get_method(self.method).train(pipeline, request)
+        method = get_method(self.method)
+        request = RunRequest(self.hyperparameter, seed=self.seed, options=method.default_options(), device=device,
+                             progress=progress)
+        return method.train(pipeline, request)
 
 
 def sweep_entries(profile: Profile, methods: Sequence[str] | None = None) -> list[SweepEntry]:
-    """The runs of ``profile``'s sweep for the chosen ``methods`` (default: every method swept in it).
+    """The runs of ``profile``'s sweep for the chosen ``methods`` (default: the paper's methods swept in it).
 
-    A method with several values that form one curve (Best-of-N) is one entry, at its largest value.
+    ``methods`` may name groups (``paper``, ``modern``, ``all``: :data:`dpo_lab.methods.GROUPS`). A method with several values that form one curve (Best-of-N) is one entry, at its largest value.
     Raises ``ValueError`` for an unknown method, or one with no values in this profile's sweep.
     """
-    methods = swept_methods(profile) if methods is None else list(methods)
+    methods = swept_methods(profile) if methods is None else expand_methods(methods, profile)
     if not methods:
         raise ValueError(f"no methods chosen; registered: {', '.join(REGISTRY)}")
     for name in methods:
@@ -87,7 +90,7 @@ def sweep_entries(profile: Profile, methods: Sequence[str] | None = None) -> lis
         values = list(method.sweep_values(profile))
         if not values:
             raise ValueError(f"method {name!r} has no values in the {profile.name!r} sweep; "
-                             f"swept there: {', '.join(swept_methods(profile))}")
+                             f"swept there: {', '.join(swept_methods(profile, 'all'))}")
         seeds = values if method.hyperparameter == "seed" else [0] * len(values)
         entries += [SweepEntry(name, method.hyperparameter, float(v), seed=int(s)) for v, s in zip(values, seeds)]
     return entries
@@ -188,21 +191,15 @@ def matched_kl_table(table: pd.DataFrame, kls, kl_column: str = "kl") -> pd.Data
                                                              columns=list(dict.fromkeys(f"{label} {k:g}" for k in kls)))
 
 
-def analysis_text(profile: Profile, table: pd.DataFrame) -> str:
-    """The markdown of ``analysis.md``: budgets, matched KL, domination and PPO's achieved KL, then per token.
+def block(frame) -> list[str]:
+    """A table as a fenced block of markdown lines (3 decimals, ``-`` for NaN)."""
+    return ["```", frame.to_string(float_format="{:.3f}".format, na_rep="-"), "```", ""]
 
-    Every figure counts distinct trained checkpoints (:func:`dpo_lab.analysis.distinct_checkpoints`).
-    """
+
+def paper_analysis(profile: Profile, table: pd.DataFrame) -> list[str]:
+    """The paper's methods: budgets, matched KL, domination, PPO's achieved KL, then per token."""
     sweep, per_token = profile.sweep, with_kl_per_token(table)
-
-    def block(frame) -> list[str]:
-        return ["```", frame.to_string(float_format="{:.3f}".format, na_rep="-"), "```", ""]
-
-    return "\n".join([
-        f"# Frontier analysis ({profile.name} profile)", "",
-        "Every figure counts distinct trained checkpoints: the SFT point (step 0) is no method's checkpoint, and "
-        "a checkpoint that several PPO runs share (their KL controllers agree until the KL nears the targets) "
-        "counts once.", "",
+    return [
         "Highest ground-truth reward among each method's checkpoints within each sequence-KL budget (- : none):", "",
         *block(best_reward_at_budgets(table, sweep.kl_budgets)),
         "Reward at matched sequence KL: each method's Pareto frontier interpolated linearly between neighbouring "
@@ -219,7 +216,41 @@ def analysis_text(profile: Profile, table: pd.DataFrame) -> str:
         "Highest reward within each budget of KL per token (sequence KL / mean length):", "",
         *block(best_reward_at_budgets(per_token, sweep.kl_per_token_budgets, kl_column="kl_per_token")),
         "Share of PPO / PPO-GT checkpoints dominated by a DPO checkpoint in (KL per token, reward):", "",
-        *block(dominated_share(per_token, kl_column="kl_per_token"))])
+        *block(dominated_share(per_token, kl_column="kl_per_token"))]
+
+
+def modern_analysis(profile: Profile, table: pd.DataFrame) -> list[str]:
+    """The methods since the paper beside the paper's: budgets, matched KL, domination by DPO, lengths, cost."""
+    sweep = profile.sweep
+    modern = list(dict.fromkeys(group_rows(table, "modern")["method"]))
+    return [
+        "## Methods since the paper", "",
+        "The same protocol (prompts, seeds, exact KL) for every method; the paper's methods are repeated as "
+        "references. Highest reward within each sequence-KL budget:", "",
+        *block(best_reward_at_budgets(table, sweep.kl_budgets)),
+        "Reward at matched sequence KL (interpolated along each method's own frontier; - outside its range):", "",
+        *block(matched_kl_table(table, sweep.matched_kls)),
+        "Share of each method's checkpoints dominated by a DPO checkpoint:", "",
+        *block(dominated_share(table, of=modern)),
+        "Mean completion length (tokens) of the SFT policy and of each method's last checkpoints:", "",
+        *block(completion_lengths(table)),
+        "Training cost: wall time of one run (seconds, evaluations included) on the machine and at the thread "
+        "count the run was made with (the README says which):", "",
+        *block(training_cost(table))]
+
+
+def analysis_text(profile: Profile, table: pd.DataFrame) -> str:
+    """The markdown of ``analysis.md``: the paper's methods first, then (when the table has them) the methods
+    since the paper. Every figure counts distinct trained checkpoints (:func:`dpo_lab.analysis.distinct_checkpoints`).
+    """
+    paper, modern = group_rows(table, "paper"), group_rows(table, "modern")
+    lines = [f"# Frontier analysis ({profile.name} profile)", "",
+             "Every figure counts distinct trained checkpoints: the SFT point (step 0) is no method's checkpoint, and "
+             "a checkpoint that several PPO runs share (their KL controllers agree until the KL nears the targets) "
+             "counts once.", "", *paper_analysis(profile, paper)]
+    if len(modern):
+        lines += modern_analysis(profile, table)
+    return "\n".join(lines)
 
 
 def write_report(profile: Profile, table: pd.DataFrame) -> list[Path]:
@@ -228,9 +259,14 @@ def write_report(profile: Profile, table: pd.DataFrame) -> list[Path]:
     Returns the paths written.
     """
     table = check_results(table, source=str(results_path(profile.name)))
-    figures = storage.figures_dir()
-    plot_frontier(table, title=f"Reward vs KL, {profile.name} profile", save_to=figures / f"frontier_{profile.name}")
-    plot_training_curves(table, save_to=figures / f"training_curves_{profile.name}")
+    figures, paper = storage.figures_dir(), group_rows(table, "paper")
+    plot_frontier(paper, title=f"Reward vs KL, {profile.name} profile", save_to=figures / f"frontier_{profile.name}")
+    plot_training_curves(paper, save_to=figures / f"training_curves_{profile.name}")
+    written = [figures / f"frontier_{profile.name}.png", figures / f"training_curves_{profile.name}.png"]
+    if len(group_rows(table, "modern")):
+        plot_modern_frontier(table, title=f"Since the paper, {profile.name} profile",
+                             save_to=figures / f"frontier_modern_{profile.name}")
+        written.append(figures / f"frontier_modern_{profile.name}.png")
     report = results_path(profile.name).with_name("analysis.md")
     storage.write_text_atomic(report, analysis_text(profile, table) + "\n")
-    return [figures / f"frontier_{profile.name}.png", figures / f"training_curves_{profile.name}.png", report]
+    return [*written, report]

@@ -14,6 +14,7 @@ Conventions shared by every stage:
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -176,9 +177,11 @@ def truncate_after_eos(tokens: Sequence[int], eos_id: int, pad_id: int | None = 
     return out
 
 
-def sampling_config(max_new_tokens: int, eos_id: int, pad_id: int) -> GenerationConfig:
-    """Pure ancestral sampling: temperature 1, top_k=0, top_p=1, KV cache on."""
-    return GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_beams=1,
+def sampling_config(max_new_tokens: int, eos_id: int, pad_id: int, temperature: float = 1.0) -> GenerationConfig:
+    """Ancestral sampling: no top-k, no top-p, KV cache on; temperature 1 (pure sampling) unless told otherwise."""
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    return GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, num_beams=1,
                             max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id,
                             use_cache=True)
 
@@ -199,7 +202,7 @@ def check_finite_logits(model: PreTrainedModel, prompts: Sequence[Sequence[int]]
 
 def sample_completions(model: PreTrainedModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                        eos_id: int, pad_id: int, batch_size: int = 256, seed: int | None = None,
-                       progress: bool = False, desc: str = "sampling") -> list[list[int]]:
+                       progress: bool = False, desc: str = "sampling", temperature: float = 1.0) -> list[list[int]]:
     """Sample one completion per prompt (repeat prompts for several), returning id lists.
 
     Prompts are left-padded and generated in batches of ``batch_size`` with the KV cache. With a
@@ -207,7 +210,8 @@ def sample_completions(model: PreTrainedModel, prompts: Sequence[Sequence[int]],
     numbers at every call (the evaluation protocol) and the caller's RNG state is untouched.
     Each completion ends at its first EOS (included) or after ``max_new_tokens`` tokens. A model
     whose weights a bad step blew up raises :class:`dpo_lab.guards.NonFiniteError` (see
-    :func:`check_finite_logits`), not an error from deep inside ``generate``.
+    :func:`check_finite_logits`), not an error from deep inside ``generate``. ``temperature`` divides
+    the logits (1: the policy itself, the evaluation protocol; below 1: sharper).
     """
     if not prompts:
         return []
@@ -217,7 +221,7 @@ def sample_completions(model: PreTrainedModel, prompts: Sequence[Sequence[int]],
     was_training = model.training
     model.eval()
     check_finite_logits(model, prompts[:PROBE_PROMPTS])
-    config = sampling_config(max_new_tokens, eos_id, pad_id)
+    config = sampling_config(max_new_tokens, eos_id, pad_id, temperature)
     devices = [device] if device.type == "cuda" else []
     completions: list[list[int]] = []
     with torch.random.fork_rng(devices=devices, enabled=seed is not None):

@@ -4,6 +4,8 @@ A :class:`Method` says everything the rest of the package needs to know about a 
 
 - its name (the ``method`` column of the results table and the ``dpo-lab train <name>`` command),
   a one-line summary, and how it is plotted (legend label, colour, marker);
+- its family: ``paper`` (Figure 2's methods: the first panel and the default sweep), ``offline`` or
+  ``online`` (the methods since the paper: the second panel, swept with ``--methods modern`` or ``all``);
 - the hyperparameter it sweeps and that hyperparameter's values per profile (``sweep_values``,
   read from the profile's ``SweepSpec``); a method with no values in a profile is not swept there;
 - the function that trains one run, ``train(pipeline, request) -> rows``: it receives the
@@ -89,6 +91,12 @@ class Method:
     needs: str = "pairs"
     """The last upstream artifact its runs read (a :class:`~dpo_lab.pipeline.Pipeline` attribute: ``world``,
     ``pairs`` or ``reward_model``), built before a parallel sweep starts its jobs."""
+    family: str = "paper"
+    """``paper`` (Figure 2, left), ``offline`` or ``online`` (the methods since the paper): see :data:`GROUPS`."""
+
+    def default_options(self) -> dict[str, Any]:
+        """Its ``options`` dataclass at its defaults, as a dict (what a sweep run uses)."""
+        return dataclasses.asdict(self.options()) if self.options else {}
 
 
 REGISTRY: dict[str, Method] = {}
@@ -108,9 +116,32 @@ def get_method(name: str) -> Method:
         raise ValueError(f"unknown method {name!r}; known: {', '.join(REGISTRY)}") from None
 
 
-def swept_methods(profile: Profile) -> list[str]:
-    """The registered methods with values in ``profile``'s sweep, in registry order."""
-    return [name for name, method in REGISTRY.items() if method.sweep_values(profile)]
+GROUPS = {"paper": ("paper",), "modern": ("offline", "online"), "all": ("paper", "offline", "online")}
+"""Names ``--methods`` accepts for a whole group of families; ``paper`` is the default sweep."""
+
+
+def swept_methods(profile: Profile, group: str = "paper") -> list[str]:
+    """The registered methods of ``group`` (:data:`GROUPS`) with values in ``profile``'s sweep, in registry order."""
+    families = GROUPS[group]
+    return [name for name, method in REGISTRY.items() if method.family in families and method.sweep_values(profile)]
+
+
+def expand_methods(names: Sequence[str], profile: Profile) -> list[str]:
+    """Method names with each group name (``paper``, ``modern``, ``all``) replaced by its swept methods."""
+    expanded: list[str] = []
+    for name in names:
+        expanded += swept_methods(profile, name) if name in GROUPS else [name]
+    return list(dict.fromkeys(expanded))
+
+
+def family(name: str) -> str:
+    """The family of a method name; a name not in the registry (a user's own method) counts as ``paper``."""
+    return REGISTRY[name].family if name in REGISTRY else "paper"
+
+
+def group_rows(table: pd.DataFrame, group: str) -> pd.DataFrame:
+    """The rows of a results table whose method belongs to ``group`` (``paper``, ``modern`` or ``all``)."""
+    return table[[family(name) in GROUPS[group] for name in table["method"]]]
 
 
 def is_curve(name: str) -> bool:
@@ -185,11 +216,6 @@ def train_best_of_n(pipeline: Pipeline, request: RunRequest) -> pd.DataFrame:
                      device=request.device, progress=request.progress)
 
 
-def no_values(profile: Profile) -> tuple[float, ...]:
-    """Not in any profile's sweep (run with ``dpo-lab train``)."""
-    return ()
-
-
 def check_beta(beta: float | None) -> None:
     """Raise ``ValueError`` unless beta is a finite number > 0."""
     Objective("dpo", beta=beta)
@@ -217,32 +243,50 @@ register(Method("preferred-ft", "supervised fine-tuning on the chosen completion
 register(Method("best-of-n", "best-of-N sampling from pi_SFT, selected by r_phi", "Best of N", "tab:gray", "D", "n",
                 lambda p: (float(max(p.sweep.best_of_n)),), train_best_of_n, curve=True, needs="reward_model",
                 relative_cost=8.0))
-for variant, label, colour in (("ipo", "IPO", "tab:pink"), ("cdpo", "cDPO", "tab:purple"),
-                               ("hinge", "SLiC (hinge)", "tab:olive"), ("robust", "rDPO", "tab:cyan")):
+
+
+# ----------------------------------------------------------------------------------------------
+# Methods since the paper: offline (the DPO variants, SimPO, ORPO, KTO) and online (RLOO, GRPO,
+# online DPO). Their values come from the profile's SweepSpec; ``--methods modern`` sweeps them.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class NoisyLabelOptions(OfflineOptions):
+    """Options of cDPO and rDPO: as DPO's, with a label-flip rate that makes them differ from DPO."""
+
+    label_smoothing: float = field(default=0.1, metadata={
+        "help": "Assumed label-flip rate in [0, 0.5) (0 would make the loss DPO's)."})
+
+
+for variant, label, colour, options in (("ipo", "IPO", "tab:pink", OfflineOptions),
+                                        ("cdpo", "cDPO", "tab:purple", NoisyLabelOptions),
+                                        ("hinge", "SLiC (hinge)", "tab:olive", OfflineOptions),
+                                        ("robust", "rDPO", "tab:cyan", NoisyLabelOptions)):
     register(dataclasses.replace(REGISTRY["dpo"], name=variant, summary=f"the {label} variant of DPO (--beta)",
-                                 label=label, colour=colour, sweep_values=no_values,
-                                 train=offline_trainer("dpo", loss_type=variant)))
-
-
-# ----------------------------------------------------------------------------------------------
-# Offline objectives since the paper (not yet in a profile's sweep: ``dpo-lab train <name>``)
-# ----------------------------------------------------------------------------------------------
-
+                                 label=label, colour=colour, sweep_values=lambda p: p.sweep.dpo_variant_betas,
+                                 train=offline_trainer("dpo", loss_type=variant), options=options, family="offline"))
 register(Method("simpo", "SimPO: reference-free, length-normalised, with a target margin (--beta, --gamma)", "SimPO",
-                "darkred", "P", "beta", no_values, offline_trainer("simpo"), default=2.0,
-                check=lambda v: Objective("simpo", beta=v), spec_section="offline", options=SimPOOptions))
+                "darkred", "P", "beta", lambda p: p.sweep.simpo_betas, offline_trainer("simpo"), default=2.0,
+                check=lambda v: Objective("simpo", beta=v), spec_section="offline", options=SimPOOptions,
+                family="offline", relative_cost=0.8))
 register(Method("orpo", "ORPO: SFT on y_w plus an odds-ratio term, reference-free (--lam)", "ORPO", "goldenrod", "X",
-                "lam", no_values, offline_trainer("orpo"), default=0.1, check=lambda v: Objective("orpo", lam=v),
-                spec_section="offline"))
+                "lam", lambda p: p.sweep.orpo_lams, offline_trainer("orpo"), default=0.1,
+                check=lambda v: Objective("orpo", lam=v), spec_section="offline", family="offline",
+                relative_cost=0.8))
 register(Method("kto", "KTO: each pair as one desirable and one undesirable completion (--beta)", "KTO", "teal", "h",
-                "beta", no_values, offline_trainer("kto"), default=0.1, check=lambda v: Objective("kto", beta=v),
-                spec_section="offline"))
+                "beta", lambda p: p.sweep.kto_betas, offline_trainer("kto"), default=0.1,
+                check=lambda v: Objective("kto", beta=v), spec_section="offline", family="offline"))
+
+ONLINE_SWEEPS = {"rloo": "rloo_betas", "grpo": "grpo_betas", "online-dpo": "online_dpo_betas"}
+"""The ``SweepSpec`` field holding each online method's betas (its ``-gt`` variant sweeps the same)."""
 
 for online, label, colour, default in (("rloo", "RLOO", "slateblue", 0.1), ("grpo", "GRPO", "darkcyan", 0.05),
                                        ("online-dpo", "online DPO", "crimson", 0.1)):
     for gt in (False, True):
         register(Method(online + ("-gt" if gt else ""), f"{label} against the {'ground truth' if gt else 'learned reward'} "
                         "(--beta: its KL knob)", label + ("-GT" if gt else ""), colour, "*" if gt else "p", "beta",
-                        no_values, online_trainer(online, gt), default=default,
+                        functools.partial(lambda field_name, p: getattr(p.sweep, field_name), ONLINE_SWEEPS[online]),
+                        online_trainer(online, gt), default=default,
                         check=functools.partial(check_method, online), spec_section="online",
-                        needs="world" if gt else "reward_model", relative_cost=2.0))
+                        needs="world" if gt else "reward_model", relative_cost=2.0, family="online"))

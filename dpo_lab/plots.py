@@ -17,7 +17,7 @@ import seaborn as sns
 from cycler import cycler
 
 from dpo_lab.analysis import check_results, distinct_checkpoints, pareto_frontier
-from dpo_lab.methods import is_curve, style
+from dpo_lab.methods import family, is_curve, style
 
 
 def theme() -> dict:
@@ -46,15 +46,40 @@ def save_figure(fig: plt.Figure, save_to: str | os.PathLike) -> list[Path]:
     return paths
 
 
-def draw_method(ax: plt.Axes, method: str, group: pd.DataFrame, label: str | None = None) -> None:
-    """One method's trained checkpoints (hollow markers, standard-error bars) and its frontier or curve."""
+LINE_STYLES = {"paper": "-", "offline": "-", "online": "--"}
+"""Frontier line style per method family: online methods dashed."""
+
+
+def draw_method(ax: plt.Axes, method: str, group: pd.DataFrame, label: str | None = None,
+                faint: bool = False) -> None:
+    """One method's trained checkpoints (hollow markers, standard-error bars) and its frontier or curve.
+
+    ``faint``: drawn light, as a reference behind other methods.
+    """
     _, colour, marker = style(method)
     trained = group[group["step"] > 0]
     ax.errorbar(trained["kl"], trained["reward"], xerr=trained["kl_se"], yerr=trained["reward_se"], fmt=marker,
-                color=colour, alpha=0.75, markersize=6, markerfacecolor="none", markeredgewidth=1.2,
-                elinewidth=0.6, linestyle="none", zorder=3)
+                color=colour, alpha=0.25 if faint else 0.75, markersize=6, markerfacecolor="none",
+                markeredgewidth=1.2, elinewidth=0.6, linestyle="none", zorder=3)
     line = group.sort_values("hyperparameter") if is_curve(method) else pareto_frontier(distinct_checkpoints(group))
-    ax.plot(line["kl"], line["reward"], color=colour, linewidth=2, label=label)
+    ax.plot(line["kl"], line["reward"], LINE_STYLES[family(method)], color=colour, linewidth=3 if faint else 2,
+            alpha=0.35 if faint else 1.0, label=label)
+
+
+def draw_sft(ax: plt.Axes, table: pd.DataFrame) -> None:
+    """The SFT policy (every run's step-0 row) as one black star."""
+    sft = table[table["step"] == 0]
+    if len(sft):
+        ax.errorbar(sft["kl"].mean(), sft["reward"].mean(), yerr=sft["reward_se"].mean(), fmt="*",
+                    color="black", markersize=14, label="SFT (pi_ref)", zorder=5)
+
+
+def label_frontier_axes(ax: plt.Axes, title: str) -> None:
+    """The axis labels, title and legend every frontier panel shares."""
+    ax.set_xlabel("KL(pi || pi_ref)  [sequence level, nats]")
+    ax.set_ylabel("ground-truth reward  p(positive)")
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=8)
 
 
 @styled
@@ -74,10 +99,7 @@ def plot_frontier(table: pd.DataFrame, title: str = "Reward vs KL (IMDb sentimen
     groups = dict(list(table.groupby("method", sort=False)))
     for method, group in groups.items():
         draw_method(ax, method, group, label=style(method)[0])
-    sft = table[table["step"] == 0]
-    if len(sft):
-        ax.errorbar(sft["kl"].mean(), sft["reward"].mean(), yerr=sft["reward_se"].mean(), fmt="*",
-                    color="black", markersize=14, label="SFT (pi_ref)", zorder=5)
+    draw_sft(ax, table)
     compact = [m for m, g in groups.items() if not is_curve(m) and g["kl"].max() < 0.25 * table["kl"].max()]
     if compact:
         inset = ax.inset_axes([0.43, 0.05, 0.27, 0.27])
@@ -85,10 +107,30 @@ def plot_frontier(table: pd.DataFrame, title: str = "Reward vs KL (IMDb sentimen
             draw_method(inset, method, groups[method])
         inset.set_title("zoom: " + ", ".join(style(m)[0] for m in compact), fontsize=7)
         inset.tick_params(labelsize=7)
-    ax.set_xlabel("KL(pi || pi_ref)  [sequence level, nats]")
-    ax.set_ylabel("ground-truth reward  p(positive)")
-    ax.set_title(title)
-    ax.legend(loc="lower right", fontsize=9)
+    label_frontier_axes(ax, title)
+    if save_to is not None:
+        save_figure(fig, save_to)
+    return fig
+
+
+@styled
+def plot_modern_frontier(table: pd.DataFrame, title: str = "Methods since the paper",
+                         save_to: str | os.PathLike | None = None) -> plt.Figure:
+    """The second panel: the offline methods since the paper (left, solid lines) and the online ones
+    (right, dashed; ``-GT``: trained on the ground truth, star markers), each beside the paper's DPO
+    (faint) and the SFT policy, on shared axes. Points and frontiers as in :func:`plot_frontier`.
+    """
+    table = check_results(table)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharex=True, sharey=True)
+    dpo = table[table["method"] == "dpo"]
+    for ax, which in zip(axes, ("offline", "online")):
+        if len(dpo):
+            draw_method(ax, "dpo", dpo, label="DPO (the paper's)", faint=True)
+        for method, rows in table[[family(m) == which for m in table["method"]]].groupby("method", sort=False):
+            draw_method(ax, method, rows, label=style(method)[0])
+        draw_sft(ax, table)
+        label_frontier_axes(ax, f"{title}: {which}")
+    fig.tight_layout()
     if save_to is not None:
         save_figure(fig, save_to)
     return fig
@@ -168,6 +210,31 @@ def plot_overoptimisation(best_of_n: pd.DataFrame, ppo_metrics: pd.DataFrame,
         proxy_ax.grid(False)
         lines = gold_ax.get_lines() + proxy_ax.get_lines()
         gold_ax.legend(lines, [line.get_label() for line in lines], fontsize=7, loc="lower right")
+    fig.tight_layout()
+    if save_to is not None:
+        save_figure(fig, save_to)
+    return fig
+
+
+@styled
+def plot_temperature(frame: pd.DataFrame, save_to: str | os.PathLike | None = None) -> plt.Figure:
+    """The temperature experiment (:mod:`dpo_lab.temperature`): mean ground-truth reward (left) and win rate
+    against pi_SFT's samples at temperature 1 (right) against the sampling temperature, one line per policy,
+    with standard-error bars."""
+    fig, (reward_ax, win_ax) = plt.subplots(1, 2, figsize=(11.5, 4.2), sharex=True)
+    for policy, rows in frame.groupby("policy", sort=False):
+        method = rows["method"].iloc[0]
+        _, colour, marker = style(method) if method != "sft" else ("SFT", "black", "*")
+        rows = rows.sort_values("temperature")
+        for ax, column in ((reward_ax, "reward"), (win_ax, "win_rate")):
+            ax.errorbar(rows["temperature"], rows[column], yerr=rows[f"{column}_se"], fmt=f"{marker}-",
+                        color=colour, label=policy, capsize=3)
+    win_ax.axhline(0.5, color="gray", linestyle=":", linewidth=1)
+    reward_ax.set_ylabel("ground-truth reward  p(positive)")
+    win_ax.set_ylabel("win rate against SFT samples at T = 1")
+    for ax in (reward_ax, win_ax):
+        ax.set_xlabel("sampling temperature")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     if save_to is not None:
         save_figure(fig, save_to)

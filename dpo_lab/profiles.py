@@ -364,7 +364,10 @@ class SweepSpec(Checked):
 
     RULES = {"dpo_betas": each(POSITIVE), "ppo_target_kls": each(POSITIVE), "unlikelihood_alphas": each(NON_NEGATIVE),
              "preferred_ft_seeds": each(at_least(0)), "best_of_n": each(at_least(1)), "kl_budgets": each(POSITIVE),
-             "kl_per_token_budgets": each(POSITIVE), "matched_kls": each(POSITIVE)}
+             "kl_per_token_budgets": each(POSITIVE), "matched_kls": each(POSITIVE),
+             "dpo_variant_betas": each(POSITIVE), "simpo_betas": each(POSITIVE), "orpo_lams": each(NON_NEGATIVE),
+             "kto_betas": each(POSITIVE), "rloo_betas": each(NON_NEGATIVE), "grpo_betas": each(NON_NEGATIVE),
+             "online_dpo_betas": each(POSITIVE), "temperatures": each(POSITIVE)}
 
     dpo_betas: tuple[float, ...] = (0.05, 0.1, 1.0, 5.0)
     """DPO beta values (the paper's)."""
@@ -382,6 +385,22 @@ class SweepSpec(Checked):
     """The same in KL per completion token (sequence KL / mean length), where lengths differ between methods."""
     matched_kls: tuple[float, ...] = (2.0, 4.0, 6.0, 8.0)
     """Sequence KLs at which the analysis reads every method's frontier (interpolated; NaN outside its range)."""
+    dpo_variant_betas: tuple[float, ...] = (0.05, 0.1, 1.0)
+    """Methods since the paper (``--methods modern``): beta of IPO, cDPO, SLiC (hinge) and rDPO."""
+    simpo_betas: tuple[float, ...] = (1.0, 2.5, 10.0)
+    """SimPO's reward scale beta (its target margin gamma stays at 0.5)."""
+    orpo_lams: tuple[float, ...] = (0.1, 1.0, 5.0)
+    """ORPO's odds-ratio weight lambda."""
+    kto_betas: tuple[float, ...] = (0.05, 0.1, 1.0)
+    """KTO's beta."""
+    rloo_betas: tuple[float, ...] = (0.03, 0.1, 0.3)
+    """RLOO's (and RLOO-GT's) KL coefficient in the reward."""
+    grpo_betas: tuple[float, ...] = (0.01, 0.05, 0.2)
+    """GRPO's (and GRPO-GT's) weight of the k3 KL term in the loss."""
+    online_dpo_betas: tuple[float, ...] = (0.05, 0.1, 0.5)
+    """Online DPO's (and online DPO-GT's) beta."""
+    temperatures: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
+    """Sampling temperatures of the temperature experiment (Figure 2, right, transferred)."""
 
 
 PRECISIONS = ("auto", "no", "fp16", "bf16")
@@ -459,7 +478,9 @@ CI = Profile(
                       eval_every=10),
     evaluation=EvalSpec(batch_size=64),
     sweep=SweepSpec(dpo_betas=(0.1,), ppo_target_kls=(1.0, 4.0), unlikelihood_alphas=(0.5,),
-                    preferred_ft_seeds=(0,), best_of_n=(1, 4)),
+                    preferred_ft_seeds=(0,), best_of_n=(1, 4), dpo_variant_betas=(0.1,), simpo_betas=(2.0,),
+                    orpo_lams=(5.0,), kto_betas=(0.1,), rloo_betas=(0.1,), grpo_betas=(0.05,),
+                    online_dpo_betas=(0.1,), temperatures=(0.5, 1.0)),
 )
 
 GPT2 = Profile(

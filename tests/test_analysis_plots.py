@@ -13,9 +13,11 @@ from dpo_lab.analysis import (
     dominated_share,
     pareto_frontier,
     reward_at_matched_kl,
+    training_cost,
     with_kl_per_token,
 )
-from dpo_lab.plots import plot_frontier, plot_overoptimisation, plot_training_curves
+from dpo_lab.methods import group_rows
+from dpo_lab.plots import plot_frontier, plot_modern_frontier, plot_overoptimisation, plot_training_curves
 
 
 def _table():
@@ -187,3 +189,50 @@ def test_methods_crowded_near_the_sft_point_get_a_zoomed_inset():
     (inset,) = fig.axes[0].child_axes
     assert "Preferred-FT" in inset.get_title() and "Unlikelihood" in inset.get_title()
     assert "DPO" not in inset.get_title()  # spread over the KL axis: no zoom needed
+
+
+def _modern_table():
+    """The synthetic table plus one offline and one online method since the paper, with run times."""
+    rows = [{"method": method, "run_id": f"{method}/x", "hyperparameter_name": "beta", "hyperparameter": 0.1,
+             "seed": 0, "step": step, "reward": reward, "reward_se": 0.01, "kl": kl, "kl_se": 0.1}
+            for method, points in [("ipo", [(0, 0.0, 0.60), (1, 1.5, 0.78)]),
+                                   ("grpo-gt", [(0, 0.0, 0.60), (1, 4.0, 0.86), (2, 8.0, 0.95)])]
+            for step, kl, reward in points]
+    table = pd.concat([_table(), pd.DataFrame(rows)], ignore_index=True)
+    return table.assign(wall_s=table["step"] * 10.0 + np.where(table["method"] == "grpo-gt", 5.0, 0.0))
+
+
+def test_training_cost_is_the_wall_time_of_each_run():
+    table = _modern_table()
+    second_run = table[table["method"] == "dpo"].assign(run_id="dpo/y", wall_s=lambda t: t["step"] * 30.0)
+    cost = training_cost(pd.concat([table, second_run]))
+    assert cost.loc["dpo", "runs"] == 2 and cost.loc["dpo", "median s per run"] == 40.0  # runs of 20 s and 60 s
+    assert cost.loc["grpo-gt", "total s"] == 25.0
+    with pytest.raises(ValueError, match="wall_s"):
+        training_cost(table.drop(columns="wall_s"))
+
+
+def test_the_paper_panel_keeps_the_paper_methods_and_the_second_panel_the_modern_ones():
+    table = _modern_table()
+    paper = group_rows(table, "paper")
+    assert set(paper["method"]) == {"dpo", "ppo", "ppo-gt", "best-of-n"}
+    assert set(group_rows(table, "modern")["method"]) == {"ipo", "grpo-gt"}
+    fig = plot_modern_frontier(table)
+    offline, online = fig.axes
+    assert [t.get_text() for t in offline.get_legend().get_texts()] == ["DPO (the paper's)", "IPO", "SFT (pi_ref)"]
+    assert [t.get_text() for t in online.get_legend().get_texts()] == ["DPO (the paper's)", "GRPO-GT", "SFT (pi_ref)"]
+    styles = {line.get_label(): line.get_linestyle() for line in online.get_lines()}
+    assert styles["GRPO-GT"] == "--" and styles["DPO (the paper's)"] == "-"  # online dashed
+
+
+def test_the_analysis_adds_a_section_for_the_methods_since_the_paper():
+    from dpo_lab.frontier import analysis_text
+    from dpo_lab.profiles import get_profile
+
+    table = _modern_table().assign(length=20.0)
+    text = analysis_text(get_profile("ci"), table)
+    paper_only = analysis_text(get_profile("ci"), group_rows(table, "paper"))
+    assert text.startswith(paper_only) and "## Methods since the paper" not in paper_only
+    modern = text[len(paper_only):]
+    assert "## Methods since the paper" in modern and "Training cost" in modern
+    assert "grpo-gt" in modern and "ipo" in modern

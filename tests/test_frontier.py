@@ -30,6 +30,36 @@ def test_sweep_entries_mirror_the_profile_and_reject_unknown_methods():
         sweep_entries(profile, ["dpo", "rlhf"])
 
 
+def test_groups_name_the_paper_the_modern_and_all_methods():
+    profile = get_profile("ci")
+    paper = {e.method for e in sweep_entries(profile, ["paper"])}
+    modern = {e.method for e in sweep_entries(profile, ["modern"])}
+    assert paper == {e.method for e in sweep_entries(profile)}  # the default sweep is the paper's
+    assert modern == {"ipo", "cdpo", "hinge", "robust", "simpo", "orpo", "kto", "rloo", "rloo-gt", "grpo", "grpo-gt",
+                      "online-dpo", "online-dpo-gt"}
+    assert {e.method for e in sweep_entries(profile, ["all"])} == paper | modern
+    assert [e.method for e in sweep_entries(profile, ["kto", "modern"])].count("kto") == 1  # no run twice
+    assert [e.hyperparameter for e in sweep_entries(profile, ["grpo-gt"])] == list(profile.sweep.grpo_betas)
+
+
+def test_a_sweep_run_gets_its_method_s_default_options(monkeypatch):
+    """cDPO and rDPO differ from DPO only through a label-flip rate: their sweep runs use 0.1, DPO's none."""
+    seen = {}
+
+    def record(name):
+        def train(pipeline, request):
+            seen[name] = request.options
+            return pd.DataFrame()
+        return train
+
+    for name in ("dpo", "cdpo", "robust", "simpo", "rloo"):
+        monkeypatch.setitem(methods.REGISTRY, name, dataclasses.replace(methods.REGISTRY[name], train=record(name)))
+        SweepEntry(name, "beta", 0.1).run(None, None, False)
+    assert seen["cdpo"]["label_smoothing"] == seen["robust"]["label_smoothing"] == 0.1
+    assert seen["dpo"]["label_smoothing"] == 0.0
+    assert seen["simpo"] == {"gamma": 0.5} and seen["rloo"] == {}
+
+
 def test_cut_down_sweep_runs_end_to_end_and_survives_a_kill(ci_world, results_folder, monkeypatch):
     profile = get_profile("ci")
     methods = ["dpo", "ppo-gt", "preferred-ft", "best-of-n"]
