@@ -20,7 +20,7 @@ import torch
 from dpo_lab.analysis import pareto_frontier
 from dpo_lab.bandit import Bandit, optimal_policy
 from dpo_lab.bradley_terry import plackett_luce_log_likelihood
-from dpo_lab.losses import dpo_loss, gae_advantages
+from dpo_lab.losses import dpo_loss, gae_advantages, k3_kl, rloo_advantages
 from dpo_lab.preferences import pairs_from_scores
 
 NOT_WRITTEN = "not written yet: replace `raise NotImplementedError` with your code, then run this cell again"
@@ -162,3 +162,23 @@ def check_pareto_frontier(candidate: Callable[[np.ndarray, np.ndarray], Sequence
     return run_checks("pareto_frontier", candidate, _frontier_reference, cases,
                       "sort by KL (ties: higher reward first), walk along it, keep a point only when its reward beats "
                       "the best so far", same=_same_indices)
+
+
+def check_rloo_advantages(candidate: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+    """Notebook 07: ``candidate(rewards)``, RLOO's leave-one-out advantages (P, k) of the rewards (P, k) of
+    k samples of each of P prompts."""
+    cases = [(torch.tensor([[1.0, 0.0]], dtype=torch.float64),), (_scores(14, 12).view(3, 4),),
+             (_scores(15, 10).view(2, 5),), (torch.full((2, 3), 0.7, dtype=torch.float64),)]
+    return run_checks("rloo_advantages", candidate, rloo_advantages, cases,
+                      "sample i's baseline is the mean reward of the OTHER k - 1 samples of its prompt: "
+                      "(row sum - r_i) / (k - 1); the advantage is r_i minus it, and each row sums to 0")
+
+
+def check_k3_kl(candidate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> bool:
+    """Notebook 07: ``candidate(logprobs, ref_logprobs)``, GRPO's per-token KL estimate k3, elementwise, from
+    the log-probabilities of the sampled tokens under pi and pi_ref (any one shape)."""
+    cases = [(torch.tensor([-1.0]), torch.tensor([-1.0])), (-_scores(16, 6).abs(), -_scores(17, 6).abs()),
+             (-_scores(18, 8).abs().view(2, 4), -_scores(19, 8).abs().view(2, 4))]
+    return run_checks("k3_kl", candidate, k3_kl, cases,
+                      "with log_ratio = log pi_ref - log pi at the sampled token: exp(log_ratio) - 1 - log_ratio "
+                      "(0 where pi = pi_ref, never negative)")

@@ -480,7 +480,7 @@ CI = Profile(
     sweep=SweepSpec(dpo_betas=(0.1,), ppo_target_kls=(1.0, 4.0), unlikelihood_alphas=(0.5,),
                     preferred_ft_seeds=(0,), best_of_n=(1, 4), dpo_variant_betas=(0.1,), simpo_betas=(2.0,),
                     orpo_lams=(5.0,), kto_betas=(0.1,), rloo_betas=(0.1,), grpo_betas=(0.05,),
-                    online_dpo_betas=(0.1,), temperatures=(0.5, 1.0)),
+                    online_dpo_betas=(0.1,), temperatures=(0.5, 1.0), kl_budgets=(2.0, 5.0, 25.0)),
 )
 
 GPT2 = Profile(

@@ -105,9 +105,19 @@ def _frontier_without_sorting(kl, reward):
     return keep
 
 
+def _baseline_includes_itself(rewards):
+    return rewards - rewards.mean(-1, keepdim=True)  # the plain mean keeps sample i in its own baseline
+
+
+def _k3_wrong_direction(logprobs, ref_logprobs):
+    log_ratio = logprobs - ref_logprobs  # pi / pi_ref instead of pi_ref / pi
+    return torch.expm1(log_ratio) - log_ratio
+
+
 WRONG = {"check_plackett_luce": _pl_without_tail, "check_preference_pairs": _pairs_keeping_ties,
          "check_optimal_policy": _unnormalised_optimum, "check_gae": _gae_forward, "check_ipo_loss": _ipo_as_dpo,
-         "check_pareto_frontier": _frontier_without_sorting}
+         "check_pareto_frontier": _frontier_without_sorting, "check_rloo_advantages": _baseline_includes_itself,
+         "check_k3_kl": _k3_wrong_direction}
 
 
 @pytest.mark.parametrize("checker", CHECKERS)
