@@ -170,8 +170,8 @@ def check_rloo_advantages(candidate: Callable[[torch.Tensor], torch.Tensor]) -> 
     cases = [(torch.tensor([[1.0, 0.0]], dtype=torch.float64),), (_scores(14, 12).view(3, 4),),
              (_scores(15, 10).view(2, 5),), (torch.full((2, 3), 0.7, dtype=torch.float64),)]
     return run_checks("rloo_advantages", candidate, rloo_advantages, cases,
-                      "sample i's baseline is the mean reward of the OTHER k - 1 samples of its prompt: "
-                      "(row sum - r_i) / (k - 1); the advantage is r_i minus it, and each row sums to 0")
+                      "the baseline of sample i must not contain r_i itself (only the other k - 1 samples of its "
+                      "prompt); every row of advantages then sums to 0")
 
 
 def check_k3_kl(candidate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> bool:
@@ -180,5 +180,5 @@ def check_k3_kl(candidate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor])
     cases = [(torch.tensor([-1.0]), torch.tensor([-1.0])), (-_scores(16, 6).abs(), -_scores(17, 6).abs()),
              (-_scores(18, 8).abs().view(2, 4), -_scores(19, 8).abs().view(2, 4))]
     return run_checks("k3_kl", candidate, k3_kl, cases,
-                      "with log_ratio = log pi_ref - log pi at the sampled token: exp(log_ratio) - 1 - log_ratio "
-                      "(0 where pi = pi_ref, never negative)")
+                      "k3 is x - 1 - log x for the right ratio x of the two probabilities (which one over which?); "
+                      "case 1, where pi = pi_ref, must give 0, and no case may be negative")

@@ -93,6 +93,8 @@ class Method:
     ``pairs`` or ``reward_model``), built before a parallel sweep starts its jobs."""
     family: str = "paper"
     """``paper`` (Figure 2, left), ``offline`` or ``online`` (the methods since the paper): see :data:`GROUPS`."""
+    oracle: bool = False
+    """Trained on the ground truth itself (PPO-GT and the ``-gt`` variants): a reference no real task can run."""
 
     def default_options(self) -> dict[str, Any]:
         """Its ``options`` dataclass at its defaults, as a dict (what a sweep run uses)."""
@@ -141,7 +143,7 @@ def family(name: str) -> str:
 
 def group_rows(table: pd.DataFrame, group: str) -> pd.DataFrame:
     """The rows of a results table whose method belongs to ``group`` (``paper``, ``modern`` or ``all``)."""
-    return table[[family(name) in GROUPS[group] for name in table["method"]]]
+    return table[table["method"].map(lambda name: family(name) in GROUPS[group]).astype(bool)]
 
 
 def is_curve(name: str) -> bool:
@@ -234,7 +236,7 @@ register(Method("ppo", "PPO against the learned reward model (--target-kl)", "PP
                 spec_section="ppo", needs="reward_model", relative_cost=4.0))
 register(Method("ppo-gt", "PPO against the ground-truth classifier (--target-kl)", "PPO-GT", "tab:green", "s",
                 "target_kl", lambda p: p.sweep.ppo_target_kls, ppo_trainer(True),
-                check=check_target_kl, spec_section="ppo", needs="world", relative_cost=4.0))
+                check=check_target_kl, spec_section="ppo", needs="world", relative_cost=4.0, oracle=True))
 register(Method("unlikelihood", "the Unlikelihood baseline (--alpha)", "Unlikelihood", "tab:orange", "^", "alpha",
                 lambda p: p.sweep.unlikelihood_alphas, offline_trainer("unlikelihood"), default=1.0,
                 check=lambda v: Objective("unlikelihood", alpha=v), spec_section="offline"))
@@ -289,4 +291,4 @@ for online, label, colour, default in (("rloo", "RLOO", "slateblue", 0.1), ("grp
                         functools.partial(lambda field_name, p: getattr(p.sweep, field_name), ONLINE_SWEEPS[online]),
                         online_trainer(online, gt), default=default,
                         check=functools.partial(check_method, online), spec_section="online",
-                        needs="world" if gt else "reward_model", relative_cost=2.0, family="online"))
+                        needs="world" if gt else "reward_model", relative_cost=2.0, family="online", oracle=gt))

@@ -126,7 +126,7 @@ def plot_modern_frontier(table: pd.DataFrame, title: str = "Methods since the pa
     for ax, which in zip(axes, ("offline", "online")):
         if len(dpo):
             draw_method(ax, "dpo", dpo, label="DPO (the paper's)", faint=True)
-        for method, rows in table[[family(m) == which for m in table["method"]]].groupby("method", sort=False):
+        for method, rows in table[table["method"].map(family) == which].groupby("method", sort=False):
             draw_method(ax, method, rows, label=style(method)[0])
         draw_sft(ax, table)
         label_frontier_axes(ax, f"{title}: {which}")
@@ -252,7 +252,7 @@ def plot_fluency(table: pd.DataFrame, save_to: str | os.PathLike | None = None) 
     fig, axes = plt.subplots(1, max(len(families), 1), figsize=(6 * max(len(families), 1), 4.6), squeeze=False,
                              sharex=True, sharey=True)
     for ax, which in zip(axes[0], families):
-        for method, rows in table[[family(m) == which for m in table["method"]]].groupby("method", sort=False):
+        for method, rows in table[table["method"].map(family) == which].groupby("method", sort=False):
             label, colour, marker = style(method)
             for number, (_, run) in enumerate(rows.sort_values("step").groupby("run_id", sort=False)):
                 ax.plot(run["fluency"], run["reward"], f"{marker}{LINE_STYLES[which]}", color=colour, alpha=0.7,

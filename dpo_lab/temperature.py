@@ -3,7 +3,8 @@
 The paper samples its TL;DR policies at temperatures 0 to 1 and reports the win rate against the
 reference summaries, judged by GPT-4. Here the judge is the ground truth itself:
 
-- **policies:** pi_SFT, and for each chosen method its best run of the frontier sweep: the run
+- **policies:** pi_SFT, and for each chosen method (by default DPO, PPO and the method since the paper
+  that scores best, the ground-truth oracles left out) its best run of the frontier sweep: the run
   whose final checkpoint has the highest ground-truth reward among the runs whose final KL is
   within the sweep's largest KL budget (``SweepSpec.kl_budgets``), so that a method is not
   credited with reward it bought by leaving the reference further than the others;
@@ -55,8 +56,10 @@ def best_run(table: pd.DataFrame, method: str, kl_budget: float) -> pd.Series:
 
 
 def best_modern_method(table: pd.DataFrame, kl_budget: float) -> str | None:
-    """The method since the paper whose best run (:func:`best_run`) scores highest; ``None`` if the table has none."""
+    """The method since the paper whose best run (:func:`best_run`) scores highest, oracles (trained on the ground
+    truth itself) left out, as PPO-GT is; ``None`` if the table has none."""
     finals = final_rows(group_rows(table, "modern"))
+    finals = finals[~finals["method"].map(lambda name: get_method(name).oracle).astype(bool)]
     finals = finals[finals["kl"] <= kl_budget]
     return None if finals.empty else str(finals.loc[finals["reward"].idxmax(), "method"])
 

@@ -13,7 +13,7 @@ from dpo_lab.frontier import run_sweep
 from dpo_lab.pipeline import Pipeline
 from dpo_lab.plots import plot_temperature
 from dpo_lab.profiles import get_profile
-from dpo_lab.temperature import best_run, temperature_experiment, win_rate
+from dpo_lab.temperature import best_modern_method, best_run, temperature_experiment, win_rate
 
 
 @pytest.fixture()
@@ -73,3 +73,11 @@ def test_best_run_respects_the_kl_budget_and_the_command_needs_a_table(results_f
         best_run(table, "dpo", 1.0)
     with pytest.raises(ValueError, match="no results table"):
         cli.run_temperature(["--profile", "ci"])
+
+
+def test_the_best_method_since_the_paper_is_never_an_oracle():
+    rows = [("dpo", 0.80, 3.0), ("grpo-gt", 0.99, 4.0), ("grpo", 0.90, 5.0), ("ipo", 0.85, 2.0), ("rloo", 0.95, 30.0)]
+    table = pd.DataFrame([{"method": m, "run_id": m, "step": step, "reward": reward if step else 0.5,
+                           "kl": kl if step else 0.0} for m, reward, kl in rows for step in (0, 10)])
+    assert best_modern_method(table, 10.0) == "grpo"  # grpo-gt trains on the ground truth; rloo ends past the budget
+    assert best_modern_method(table[table["method"] == "dpo"], 10.0) is None
