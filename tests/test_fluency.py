@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
-from dpo_lab import fluency, judge
+from dpo_lab import cli, fluency, judge
+from dpo_lab.frontier import results_path, write_results
 from dpo_lab.plots import plot_fluency
 from dpo_lab.train.dpo import train_offline
 
@@ -43,7 +44,7 @@ def test_perplexity_is_the_geometric_mean_and_skips_nan():
 
 
 @pytest.mark.slow
-def test_the_pass_judges_every_kept_sample_once_and_caches_it(ci_world, local_judge, monkeypatch, caplog):
+def test_the_pass_judges_every_kept_sample_once_and_caches_it(ci_world, local_judge, monkeypatch, caplog, tmp_path):
     spec = dataclasses.replace(ci_world.profile.offline, max_steps=4, eval_every=2)
     run = train_offline(ci_world, lm_pairs(ci_world), "dpo", beta=0.1, overrides=spec, progress=False)
     table = run.evaluations()
@@ -68,6 +69,14 @@ def test_the_pass_judges_every_kept_sample_once_and_caches_it(ci_world, local_ju
     joined = fluency.with_fluency(table, first)
     assert len(joined) == len(table) and joined["fluency"].notna().all()
     assert len(plot_fluency(joined).axes) == 1
+
+    # The command: the results table's runs judged (from the cache), the table and the figure written.
+    monkeypatch.setenv("DPO_LAB_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setenv("DPO_LAB_FIGURES", str(tmp_path / "figures"))
+    write_results(table.assign(profile="ci"), results_path("ci"))
+    assert cli.main(["fluency", "--profile", "ci", "--judge", local_judge]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(fluency.fluency_path("ci")), first, check_exact=False, rtol=1e-5)
+    assert (tmp_path / "figures" / "fluency_ci.png").exists()
 
 
 def lm_pairs(world):
