@@ -17,7 +17,7 @@ import seaborn as sns
 from cycler import cycler
 
 from dpo_lab.analysis import check_results, distinct_checkpoints, pareto_frontier
-from dpo_lab.methods import family, is_curve, style
+from dpo_lab.methods import REGISTRY, family, is_curve, style
 
 
 def theme() -> dict:
@@ -47,7 +47,7 @@ def save_figure(fig: plt.Figure, save_to: str | os.PathLike) -> list[Path]:
 
 
 LINE_STYLES = {"paper": "-", "offline": "-", "online": "--"}
-"""Frontier line style per method family: online methods dashed."""
+"""Frontier line style per method family: online methods dashed (dotted when trained on the ground truth)."""
 
 
 def draw_method(ax: plt.Axes, method: str, group: pd.DataFrame, label: str | None = None,
@@ -62,7 +62,8 @@ def draw_method(ax: plt.Axes, method: str, group: pd.DataFrame, label: str | Non
                 color=colour, alpha=0.25 if faint else 0.75, markersize=6, markerfacecolor="none",
                 markeredgewidth=1.2, elinewidth=0.6, linestyle="none", zorder=3)
     line = group.sort_values("hyperparameter") if is_curve(method) else pareto_frontier(distinct_checkpoints(group))
-    ax.plot(line["kl"], line["reward"], LINE_STYLES[family(method)], color=colour, linewidth=3 if faint else 2,
+    line_style = ":" if family(method) == "online" and REGISTRY[method].oracle else LINE_STYLES[family(method)]
+    ax.plot(line["kl"], line["reward"], line_style, color=colour, linewidth=3 if faint else 2,
             alpha=0.35 if faint else 1.0, label=label)
 
 
@@ -117,8 +118,10 @@ def plot_frontier(table: pd.DataFrame, title: str = "Reward vs KL (IMDb sentimen
 def plot_modern_frontier(table: pd.DataFrame, title: str = "Methods since the paper",
                          save_to: str | os.PathLike | None = None) -> plt.Figure:
     """The second panel: the offline methods since the paper (left, solid lines) and the online ones
-    (right, dashed; ``-GT``: trained on the ground truth, star markers), each beside the paper's DPO
-    (faint) and the SFT policy, on shared axes. Points and frontiers as in :func:`plot_frontier`.
+    (right, dashed; ``-GT``, trained on the ground truth: dotted, star markers), each beside the paper's
+    DPO (faint) and the SFT policy, on shared axes. Points and frontiers as in :func:`plot_frontier`.
+    The KL axis is linear up to 10 nats and logarithmic beyond, so that runs far past the paper's
+    range stay visible without squeezing the range where the methods differ.
     """
     table = check_results(table)
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharex=True, sharey=True)
@@ -130,6 +133,8 @@ def plot_modern_frontier(table: pd.DataFrame, title: str = "Methods since the pa
             draw_method(ax, method, rows, label=style(method)[0])
         draw_sft(ax, table)
         label_frontier_axes(ax, f"{title}: {which}")
+        ax.set_xscale("symlog", linthresh=10.0, linscale=2.0)
+        ax.set_xlabel("KL(pi || pi_ref)  [sequence level, nats; linear to 10, log beyond]")
     fig.tight_layout()
     if save_to is not None:
         save_figure(fig, save_to)

@@ -222,7 +222,7 @@ def test_the_paper_panel_keeps_the_paper_methods_and_the_second_panel_the_modern
     assert [t.get_text() for t in offline.get_legend().get_texts()] == ["DPO (the paper's)", "IPO", "SFT (pi_ref)"]
     assert [t.get_text() for t in online.get_legend().get_texts()] == ["DPO (the paper's)", "GRPO-GT", "SFT (pi_ref)"]
     styles = {line.get_label(): line.get_linestyle() for line in online.get_lines()}
-    assert styles["GRPO-GT"] == "--" and styles["DPO (the paper's)"] == "-"  # online dashed
+    assert styles["GRPO-GT"] == ":" and styles["DPO (the paper's)"] == "-"  # online dashed; on the ground truth dotted
 
 
 def test_the_analysis_adds_a_section_for_the_methods_since_the_paper():

@@ -38,7 +38,7 @@ def _dpo_lab_imports(source: str) -> list[tuple[str, str | None]]:
 
 
 def test_the_series_is_complete_and_ordered():
-    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06"]
+    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06", "07"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
