@@ -324,20 +324,26 @@ class TemperatureArgs:
                 "the method since the paper whose best run scores highest."})
 
 
-def run_temperature(argv: list[str]) -> None:
-    """``dpo-lab temperature``: the temperature experiment on the frontier table's best runs; table and figure."""
+def committed_table(profile_name: str):
+    """``(path, table)`` of the profile's results table, or a one-line error naming the command that makes it."""
     import pandas as pd
 
     from dpo_lab.frontier import results_path
+
+    path = results_path(profile_name)
+    if not path.exists():
+        raise ValueError(f"no results table at {path}; run `dpo-lab frontier --profile {profile_name}` first")
+    return path, pd.read_csv(path)
+
+
+def run_temperature(argv: list[str]) -> None:
+    """``dpo-lab temperature``: the temperature experiment on the frontier table's best runs; table and figure."""
     from dpo_lab.pipeline import Pipeline
     from dpo_lab.temperature import best_modern_method, temperature_experiment, write_temperature_report
 
     common, args = parse("dpo-lab temperature", argv, TemperatureArgs)
     profile = profile_of(common)
-    path = results_path(profile.name)
-    if not path.exists():
-        raise ValueError(f"no results table at {path}; run `dpo-lab frontier --profile {profile.name}` first")
-    table = pd.read_csv(path)
+    _, table = committed_table(profile.name)
     if args.methods is None:
         modern = best_modern_method(table, max(profile.sweep.kl_budgets))
         methods = ["dpo", "ppo"] + ([modern] if modern else [])
@@ -359,19 +365,13 @@ class FluencyArgs:
 
 def run_fluency(argv: list[str]) -> None:
     """``dpo-lab fluency``: the judge's perplexity of every checkpoint's kept samples; table and figure."""
-    import pandas as pd
-
     from dpo_lab import storage
     from dpo_lab.fluency import fluency_path, fluency_table, with_fluency
-    from dpo_lab.frontier import results_path
     from dpo_lab.plots import plot_fluency
 
     common, args = parse("dpo-lab fluency", argv, FluencyArgs)
     profile = profile_of(common)
-    path = results_path(profile.name)
-    if not path.exists():
-        raise ValueError(f"no results table at {path}; run `dpo-lab frontier --profile {profile.name}` first")
-    table = pd.read_csv(path)
+    path, table = committed_table(profile.name)
     fluency = fluency_table(profile.name, table, args.judge)
     if fluency.empty:
         raise ValueError(f"no run of {path} kept samples (runs trained before samples were kept): train them again")
