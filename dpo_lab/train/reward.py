@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import AutoModel, PreTrainedModel
 
-from dpo_lab import lm, processes, runtime, sentiment, storage
+from dpo_lab import lm, pretrained, processes, runtime, sentiment, storage
 from dpo_lab.guards import check_step
 from dpo_lab.losses import bradley_terry_loss, ordered_share
 from dpo_lab.preferences import load_preferences
@@ -152,7 +152,7 @@ def init_reward_model(world, spec: RewardSpec) -> tuple[RewardModel, object]:
     if spec.base and lm.load_tokenizer(spec.base).get_vocab() != tokenizer.get_vocab():
         raise ValueError(f"RewardSpec.base={spec.base!r} has another vocabulary than the policy {world.sft_dir}; "
                          "the reward model reads the policy's token ids, so it needs the policy's tokenizer")
-    with storage.source(spec.base or world.sft_dir) as name:
+    with storage.source(pretrained.resolve(spec.base) if spec.base else world.sft_dir) as name:
         trunk = AutoModel.from_pretrained(name, dtype=torch.float32, use_safetensors=True)
     return RewardModel(trunk, tokenizer.pad_token_id), tokenizer
 
