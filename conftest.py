@@ -28,10 +28,15 @@ def pytest_unconfigure(config):
     shutil.rmtree(os.environ.get("DPO_LAB_HOME", ""), ignore_errors=True)
 
 
+LONGEST_TEST_FILES = ("test_smol.py",)
+"""Test files as long as a notebook (the real SmolLM2 weights): handed out first, with the notebooks."""
+
+
 def pytest_collection_modifyitems(config, items):
-    """Notebooks first (stable: each notebook's cells keep their order). They are the longest files, and
-    pytest-xdist hands out files in this order, so two workers finish closer together."""
-    items.sort(key=lambda item: 0 if item.path.suffix == ".ipynb" else 1)
+    """The longest files first, then the notebooks (stable: each notebook's cells keep their order), then the
+    rest: pytest-xdist hands out files in this order, so two workers finish closer together."""
+    items.sort(key=lambda item: 0 if item.path.name in LONGEST_TEST_FILES else 1 if item.path.suffix == ".ipynb"
+               else 2)
 
 
 try:

