@@ -3,6 +3,7 @@
     python benchmarks/judge_perplexity.py                  # tiny profile, SmolLM2-135M-Instruct as the judge
     python benchmarks/judge_perplexity.py --profile ci --prompts 32 --real 32
     python benchmarks/judge_perplexity.py --vocab-size 16384      # a route to a more readable tiny world
+    python benchmarks/judge_perplexity.py --tokenizer word --vocab-size 12000 --n-layer 4
 
 Samples one completion of each of the first ``--prompts`` test prompts from pi_SFT (seed 0,
 temperature 1, the profile's completion length) and scores prompt plus completion with the judge
@@ -10,9 +11,10 @@ temperature 1, the profile's completion length) and scores prompt plus completio
 real text the policy learned from. It prints both perplexities (the geometric mean over texts,
 with its standard error) and their ratio, the target of the readable-text issue (pi_SFT's at most
 600) and the seconds each part took. Builds (or reuses) the profile's world and the judge first.
-``--vocab-size`` and ``--sft-epochs`` measure a route to that target: the same profile with another
-tokenizer vocabulary or a longer SFT (its own cached world; with another tokenizer the test prompts,
-drawn by the same seeded rule in tokens, are not the same prefixes).
+``--tokenizer``, ``--vocab-size``, ``--n-layer``, ``--n-embd`` and ``--sft-epochs`` measure a route to that
+target: the same profile with another tokenizer, vocabulary, model size or SFT length (its own cached
+world; with another tokenizer the test prompts, drawn by the same seeded rule in tokens, are not the
+same prefixes).
 """
 
 from __future__ import annotations
@@ -32,11 +34,14 @@ TARGET = 600.0
 """The readable-text issue's bound on the judge's perplexity of the `tiny` SFT samples."""
 
 
+ROUTES = ("tokenizer", "vocab_size", "n_layer", "n_embd", "sft_epochs")
+"""The ``PolicySpec`` fields a route may change."""
+
+
 def with_policy_overrides(profile: Profile, args: argparse.Namespace) -> Profile:
-    """``profile`` with the SFT policy's vocabulary size or epochs replaced where given (a new world: its own
+    """``profile`` with the SFT policy's fields in :data:`ROUTES` replaced where given (a new world: its own
     cached tokenizer, prompts and SFT policy, beside the profile's own)."""
-    changes = {name: value for name, value in (("vocab_size", args.vocab_size), ("sft_epochs", args.sft_epochs))
-               if value is not None}
+    changes = {name: getattr(args, name) for name in ROUTES if getattr(args, name) is not None}
     return profile.replace(policy=dataclasses.replace(profile.policy, **changes)) if changes else profile
 
 
@@ -47,7 +52,10 @@ def main() -> None:
     parser.add_argument("--real", type=int, default=100, help="real test snippets judged (default 100)")
     parser.add_argument("--judge", default=DEFAULT_JUDGE, help="judge model: smollm2-135m-instruct, a hub id or a folder")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    parser.add_argument("--vocab-size", type=int, help="a route to try: the from-scratch BPE vocabulary size")
+    parser.add_argument("--tokenizer", choices=("bpe", "word"), help="a route to try: the from-scratch tokenizer")
+    parser.add_argument("--vocab-size", type=int, help="a route to try: the from-scratch vocabulary size")
+    parser.add_argument("--n-layer", type=int, help="a route to try: the from-scratch model's blocks")
+    parser.add_argument("--n-embd", type=int, help="a route to try: the from-scratch model's width")
     parser.add_argument("--sft-epochs", type=float, help="a route to try: passes of SFT over the training reviews")
     args = parser.parse_args()
     builder = WorldBuilder(with_policy_overrides(get_profile(args.profile), args), "cpu", progress=True)
@@ -67,7 +75,8 @@ def main() -> None:
     judged = time.time() - started
     real_ppl, real_se = perplexity(log_perplexities(judge, judge_tokenizer, real))
     print(f"judge {args.judge} ({loaded:.1f} s to load), profile {args.profile}, {args.threads} threads, "
-          f"policy vocabulary {len(tokenizer)}, SFT epochs {world.profile.policy.sft_epochs:g}")
+          f"policy {world.profile.policy.tokenizer} vocabulary {len(tokenizer)}, {world.profile.policy.n_layer} x "
+          f"{world.profile.policy.n_embd}, SFT epochs {world.profile.policy.sft_epochs:g}")
     print(f"pi_SFT samples ({len(samples)} test prompts, seed 0, T = 1): perplexity {sft_ppl:.1f} ± {sft_se:.1f} "
           f"({judged:.1f} s)")
     print(f"real test snippets ({len(real)}):                      perplexity {real_ppl:.1f} ± {real_se:.1f}")

@@ -130,8 +130,8 @@ class WorldBuilder:
     def tokenizer_dir(self) -> Path:
         """The policy's tokenizer folder: trained on the corpus (from scratch) or the base model's."""
         policy = self.profile.policy
-        config = {"base": storage.cache_name(policy.base) if policy.base else "", "vocab_size": policy.vocab_size, "n_positions": policy.n_positions,
-                  "corpus": self.corpus_dir.name}
+        config = {"base": storage.cache_name(policy.base) if policy.base else "", "tokenizer": policy.tokenizer,
+                  "vocab_size": policy.vocab_size, "n_positions": policy.n_positions, "corpus": self.corpus_dir.name}
         return self.stage("tokenizer", config,
                           lambda folder: sft.build_tokenizer(policy, self.texts("train"), folder / "tokenizer")) \
             / "tokenizer"

@@ -122,3 +122,15 @@ def test_prepare_runs_at_the_profiles_thread_count(ci_world):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_word_tokenizer_writes_only_words_of_the_corpus():
+    texts = ["It's a fine film, and a fine cast.", "A fine mess of a film!", "It's dull, a mess."] * 2 + ["Unique."]
+    tokenizer = sft.train_word_tokenizer(texts, vocab_size=256, model_max_length=64)
+    words = {word for word in tokenizer.get_vocab() if not word.startswith("<|")}
+    assert {"It", "'s", "Ġfine", "Ġfilm", ","} <= words and "ĠUnique" not in words  # seen once: unknown
+    ids = tokenizer("It's a fine mess, and a dull cast.")["input_ids"]
+    assert tokenizer.decode(ids) == "It's a fine mess, and a dull cast."  # words join as written
+    assert tokenizer.decode(tokenizer("A Unique film.")["input_ids"], skip_special_tokens=True) == "A film."
+    pieces = {piece for text in texts for piece, _ in tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text)}
+    assert words <= pieces  # every token is a whole word (or punctuation run) of the corpus: no sub-word pieces

@@ -3,7 +3,8 @@
 Two starting points, one loop:
 
 - ``PolicySpec.base == ""`` (``tiny``, ``ci``): a byte-level BPE tokenizer trained on the training
-  reviews (:func:`train_bpe_tokenizer`; ``<|endoftext|>`` is BOS, EOS and padding, as in GPT-2) and
+  reviews (:func:`train_bpe_tokenizer`; ``<|endoftext|>`` is BOS, EOS and padding, as in GPT-2), or
+  a whole-word one (:func:`train_word_tokenizer`, ``PolicySpec.tokenizer == "word"``), and
   a GPT-2 architecture initialised from scratch (:func:`from_scratch_model`) with dropout 0
   (GPT-2 uses 0.1): the model is small and sees each review only a few times, and every later
   trainer computes log-probabilities without dropout, so the policy is trained as it is used.
@@ -38,6 +39,7 @@ from dpo_lab.guards import check_step
 from dpo_lab.profiles import PolicySpec
 
 ENDOFTEXT = "<|endoftext|>"
+UNKNOWN = "<|unk|>"
 WARMUP_FRACTION = 0.05
 EVAL_BATCH_SIZE = 64
 
@@ -54,12 +56,29 @@ def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int, model_max_length:
                                    pad_token=ENDOFTEXT, model_max_length=model_max_length)
 
 
+def train_word_tokenizer(texts: Sequence[str], vocab_size: int, model_max_length: int) -> PreTrainedTokenizerFast:
+    """A whole-word tokenizer trained on ``texts``: GPT-2's pre-tokenisation (a word with its leading space, a run
+    of punctuation, a contraction ending), the ``vocab_size - 2`` most frequent such words seen at least twice,
+    ``<|endoftext|>`` as BOS/EOS/pad and ``<|unk|>`` for the rest. Decoding joins the words as written, so every
+    word a model samples is a word of the corpus (an unknown one decodes to nothing)."""
+    tokenizer = Tokenizer(models.WordLevel(unk_token=UNKNOWN))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[ENDOFTEXT, UNKNOWN],
+                                        show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=ENDOFTEXT, eos_token=ENDOFTEXT,
+                                   pad_token=ENDOFTEXT, unk_token=UNKNOWN, model_max_length=model_max_length)
+
+
 def build_tokenizer(spec: PolicySpec, train_texts: Sequence[str], folder: str | os.PathLike) -> None:
-    """Save the policy's tokenizer to ``folder``: trained on ``train_texts`` from scratch, or the base's."""
+    """Save the policy's tokenizer to ``folder``: trained on ``train_texts`` from scratch (``spec.tokenizer``),
+    or the base's."""
     if spec.base:
         tokenizer = lm.load_tokenizer(spec.base)
     else:
-        tokenizer = train_bpe_tokenizer(train_texts, spec.vocab_size, spec.n_positions)
+        train = train_word_tokenizer if spec.tokenizer == "word" else train_bpe_tokenizer
+        tokenizer = train(train_texts, spec.vocab_size, spec.n_positions)
     tokenizer.save_pretrained(folder)
 
 
