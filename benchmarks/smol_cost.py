@@ -63,15 +63,19 @@ def token_rates(model, repeats: int) -> dict[str, float]:
         with torch.no_grad():
             model(forward_ids, use_cache=False)
 
-    prompts = torch.randint(vocab, (64, 5)).tolist()
-    sample = lambda: lm.sample_completions(model, prompts, max_new_tokens=32, eos_id=-1, pad_id=0, seed=0)  # noqa: E731
+    prompts, new_tokens = torch.randint(vocab, (64, 5)).tolist(), 32
+
+    def sample():
+        lm.sample_completions(model, prompts, max_new_tokens=new_tokens, eos_id=-1, pad_id=0, seed=0)
+
     return {"train": train_ids.numel() / median_seconds(train_step, repeats),
             "forward": forward_ids.numel() / median_seconds(forward, repeats),
-            "sample": 64 * 32 / median_seconds(sample, repeats)}
+            "sample": len(prompts) * new_tokens / median_seconds(sample, repeats)}
 
 
 def stage_tokens(profile, review_tokens: int) -> dict[str, dict[str, float]]:
-    """Upper bounds on the tokens each stage trains on, runs forward and samples: one SFT, one DPO run, one PPO run."""
+    """Upper bounds on the tokens each stage trains on, runs forward and samples: SFT, the preference pairs, the
+    reward model, and one run each of DPO, PPO and RLOO (their evaluations included)."""
     prompt = (profile.prompts.min_tokens + profile.prompts.max_tokens) / 2
     cap = profile.sampling.max_new_tokens
     seq = prompt + cap
@@ -83,6 +87,8 @@ def stage_tokens(profile, review_tokens: int) -> dict[str, dict[str, float]]:
     evaluation = {"sample": n_test * cap, "forward": 2 * n_test * seq}  # samples, then policy and pi_ref for the KL
     dpo_evals = dpo_steps // offline.eval_every + 1
     ppo_evals = ppo.iterations // ppo.eval_every + 1
+    online_evals = online.iterations // online.eval_every + 1
+    online_samples = online.iterations * online.prompts_per_iteration * online.group_size
     return {
         "SFT": {"train": profile.policy.sft_epochs * review_tokens},
         "preference pairs": {"sample": profile.preferences.n_prompts * k * cap},
@@ -92,13 +98,14 @@ def stage_tokens(profile, review_tokens: int) -> dict[str, dict[str, float]]:
         "one PPO run": {"train": ppo.iterations * ppo.ppo_epochs * ppo.rollout_size * seq,
                         "forward": ppo.iterations * 3 * ppo.rollout_size * seq + ppo_evals * evaluation["forward"],
                         "sample": ppo.iterations * ppo.rollout_size * cap + ppo_evals * evaluation["sample"]},
-        "one RLOO run": {"train": online.iterations * online.epochs * online.prompts_per_iteration * online.group_size * seq,
-                         "forward": online.iterations * 3 * online.prompts_per_iteration * online.group_size * seq,
-                         "sample": online.iterations * online.prompts_per_iteration * online.group_size * cap},
+        "one RLOO run": {"train": online.epochs * online_samples * seq,
+                         "forward": 3 * online_samples * seq + online_evals * evaluation["forward"],
+                         "sample": online_samples * cap + online_evals * evaluation["sample"]},
     }
 
 
 def main() -> None:
+    """Measure the rates, count each stage's tokens, print the table and the paper's sweep."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)

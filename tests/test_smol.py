@@ -9,8 +9,8 @@ and each is tested on the `ci` world. What it exercises that the from-scratch GP
 
 - a Llama architecture (rotary positions, grouped-query attention, tied embeddings);
 - a 49,152-token vocabulary in the exact per-token KL of every evaluation;
-- a tokenizer without a pad token (the base is a copy of SmolLM2 with its pad token removed, so
-  padding falls back to EOS, as GPT-2's does);
+- a model and tokenizer without a pad token (the base is a copy of SmolLM2 with its pad token
+  removed from tokenizer and config, so padding falls back to EOS, as GPT-2's does);
 - different tokenizers for the policy (SmolLM2's BPE) and the ground truth (word n-grams).
 """
 
@@ -21,10 +21,11 @@ import math
 
 import pytest
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from dpo_lab import lm, methods, pretrained
 from dpo_lab.pipeline import Pipeline
+from dpo_lab.preferences import load_preferences
 from dpo_lab.profiles import (
     CorpusSpec,
     EvalSpec,
@@ -51,12 +52,16 @@ def smollm2(isolated_home):
 
 @pytest.fixture(scope="module")
 def padless_base(smollm2, isolated_home):
-    """SmolLM2 with its tokenizer's pad token removed (its GGUF tokenizer sets pad = EOS; many hub LMs have none)."""
+    """SmolLM2 with no pad token in its tokenizer or its config (its GGUF tokenizer names EOS as the pad token;
+    many hub LMs, GPT-2 and SmolLM2's hub release among them, have none)."""
     folder = isolated_home / "smollm2-padless"
     if not folder.exists():
         folder.mkdir()
-        for name in ("config.json", "generation_config.json", "model.safetensors"):
+        for name in ("generation_config.json", "model.safetensors"):
             (folder / name).symlink_to(f"{smollm2}/{name}")
+        config = AutoConfig.from_pretrained(smollm2)
+        config.pad_token_id = None
+        config.save_pretrained(folder)
         tokenizer = AutoTokenizer.from_pretrained(smollm2)
         tokenizer.pad_token = None
         tokenizer.save_pretrained(folder)
@@ -95,10 +100,11 @@ def test_smollm2_loads_by_name_as_a_llama_with_a_49k_vocabulary(smollm2):
     assert nll < 4.0  # the dequantised weights read English (2.6 nats); guessing among 49k tokens gives 10.8
 
 
-def test_a_padless_tokenizer_pads_with_eos(padless_base):
+def test_a_padless_model_and_tokenizer_pad_with_eos(padless_base):
     assert AutoTokenizer.from_pretrained(padless_base).pad_token is None
-    tokenizer = lm.load_tokenizer(padless_base)
-    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    assert AutoConfig.from_pretrained(padless_base).pad_token_id is None
+    model, tokenizer = lm.load_causal_lm(padless_base)
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id == model.config.pad_token_id
 
 
 def test_sft_reward_model_and_pairs_on_the_real_weights(smol_pipeline):
@@ -106,6 +112,8 @@ def test_sft_reward_model_and_pairs_on_the_real_weights(smol_pipeline):
     policy, tokenizer = world.load_policy("cpu")
     assert type(policy).__name__ == "LlamaForCausalLM" and len(tokenizer) == VOCAB
     assert world.profile.ground_truth.model == ""  # word n-grams: another tokenizer than the policy's
+    pairs = load_preferences(smol_pipeline.pairs)
+    assert len(pairs) > 0 and all(c != r for c, r in zip(pairs["chosen"], pairs["rejected"]))
     reward = smol_pipeline.reward_model
     assert (reward / "trunk" / "model.safetensors").exists()
 
