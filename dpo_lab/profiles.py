@@ -508,7 +508,6 @@ SMOL = Profile(
     runs_on="One consumer GPU: the paper's sweep is 34.5 PFLOP of model compute (about an hour at a sustained "
             "10 TFLOP/s, plus sampling and Best-of-N; not run on a GPU yet). On 2 CPU cores about 78 hours "
             "(benchmarks/smol_cost.py): there only its tests run.",
-    corpus=CorpusSpec(),
     policy=PolicySpec(base=SMOLLM2_NAME, sft_epochs=1.0, sft_batch_size=32, sft_lr=3e-5, sft_max_length=64),
     sampling=SamplingSpec(max_new_tokens=32, batch_size=128),
     reward=RewardSpec(base=SMOLLM2_NAME, epochs=2, batch_size=32, lr=1e-5),
