@@ -481,7 +481,7 @@ TINY = Profile(
 
 CI = Profile(
     name="ci",
-    description="Test-suite scale: the tiny world cut down to seconds per stage.",
+    description="Test-suite scale: a small offline world (Rotten Tomatoes snippets) at seconds per stage.",
     needs=CI_NEEDS,
     runs_on="Any CPU: seconds per stage (what the tests and the notebooks under nbval run).",
     threads=1,
