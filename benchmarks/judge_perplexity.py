@@ -8,7 +8,7 @@
 
 Samples one completion of each of the first ``--prompts`` test prompts from pi_SFT (seed 0,
 temperature 1, the profile's completion length) and scores prompt plus completion with the judge
-(:mod:`dpo_lab.judge`); then scores the first ``--real`` snippets of the corpus's test split, the
+(:mod:`dpo_lab.judge`); then scores the first ``--real`` texts of the corpus's test split, the
 real text the policy learned from. It prints both perplexities (the geometric mean over texts,
 with its standard error) and their ratio, the target of the readable-text issue (pi_SFT's at most
 600) and the seconds each part took. Builds (or reuses) the profile's world and the judge first.
@@ -54,7 +54,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="tiny")
     parser.add_argument("--prompts", type=int, default=128, help="test prompts sampled (default 128)")
-    parser.add_argument("--real", type=int, default=100, help="real test snippets judged (default 100)")
+    parser.add_argument("--real", type=int, default=100, help="real test texts judged (default 100)")
     parser.add_argument("--judge", default=DEFAULT_JUDGE, help="judge model: smollm2-135m-instruct, a hub id or a folder")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--corpus", choices=("rotten_tomatoes", "imdb_offline"), help="a route to try: the corpus")
@@ -85,7 +85,7 @@ def main() -> None:
           f"{world.profile.policy.n_embd}, SFT epochs {world.profile.policy.sft_epochs:g}, corpus {world.profile.corpus.name}")
     print(f"pi_SFT samples ({len(samples)} test prompts, seed 0, T = 1): perplexity {sft_ppl:.1f} ± {sft_se:.1f} "
           f"({judged:.1f} s)")
-    print(f"real test snippets ({len(real)}):                      perplexity {real_ppl:.1f} ± {real_se:.1f}")
+    print(f"real test texts ({len(real)}):                         perplexity {real_ppl:.1f} ± {real_se:.1f}")
     print(f"ratio SFT / real: {sft_ppl / real_ppl:.2f}; target SFT <= {TARGET:g}: "
           f"{'met' if sft_ppl <= TARGET else 'not met'}")
     for text in samples[:3]:
