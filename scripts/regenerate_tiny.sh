@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Regenerate every committed `tiny` result in one run, from the current cache (or an empty one):
-# the world and the judge's perplexity of its SFT samples, the preference pairs, the reward model, all 60 sweep runs (2 jobs of 1 thread each on
-# a 2-core machine), the temperature and fluency tables, every figure, and the outputs of the
-# notebooks and their solutions. Each step's wall time goes to stdout; the whole run's log to
-# data/results/tiny/regenerate.log. Usage: bash scripts/regenerate_tiny.sh [JOBS]  (default 2)
+# the world and the judge's perplexity of its SFT samples (data/results/tiny/judge_perplexity.txt), the
+# preference pairs, the reward model, all 60 sweep runs (2 jobs of 1 thread each on a 2-core machine),
+# the longer DPO and PPO runs (scripts/longer_runs.py), the temperature and fluency tables, every
+# figure, and the outputs of the notebooks and their solutions. Each step's wall time goes to stdout and to data/results/tiny/regenerate.log; the steps'
+# own output to stdout only. Usage: bash scripts/regenerate_tiny.sh [JOBS]  (default 2)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 jobs=${1:-2}
@@ -18,10 +19,12 @@ step() {  # step NAME COMMAND...: run it, print its wall time
 }
 : > "$log"
 step prepare dpo-lab prepare --profile tiny
-step judge-perplexity python benchmarks/judge_perplexity.py --profile tiny
+judge() { python benchmarks/judge_perplexity.py --profile tiny | tee data/results/tiny/judge_perplexity.txt; }
+step judge-perplexity judge
 step preferences dpo-lab preferences --profile tiny
 step reward dpo-lab reward --profile tiny
 step frontier dpo-lab frontier --profile tiny --methods all --jobs "$jobs"
+step longer-runs python scripts/longer_runs.py --profile tiny
 step temperature dpo-lab temperature --profile tiny
 step fluency dpo-lab fluency --profile tiny
 for notebook in notebooks/0*.ipynb notebooks/solutions/0*.ipynb; do
