@@ -41,11 +41,13 @@ def stage(name: str, args: list[str], env: dict[str, str]) -> float:
 
 def compare(table: Path, committed: Path) -> str:
     """How the new table compares with the committed one: rows identical in reward and KL, per method, and the
-    largest reward difference (the training times, ``wall_s``, always differ)."""
+    largest reward difference (the training times, ``wall_s``, always differ). A committed table of more methods
+    (``--methods all``) is compared on the methods the new one has."""
     if not committed.exists():
         return f"no committed table at {committed}"
     new, old = pd.read_csv(table), pd.read_csv(committed)
     keys = ["method", "hyperparameter", "seed", "step"]
+    old = old[old["method"].isin(new["method"])]
     merged = new.merge(old, on=keys, suffixes=("", "_committed"))
     if len(merged) != len(new) or len(new) != len(old):
         return f"different rows: {len(new)} new, {len(old)} committed, {len(merged)} in common"

@@ -14,8 +14,9 @@ its completion length, in policy tokens) and whole. It prints the perplexities (
 texts, with its standard error), the ratio of the samples' to the cut real texts', the share of sampled
 tokens that are unknown words, the target of the readable-text issue (pi_SFT's at most
 600) and the seconds each part took. Builds (or reuses) the profile's world and the judge first.
-``--corpus``, ``--tokenizer``, ``--vocab-size``, ``--n-layer``, ``--n-embd`` and ``--sft-epochs`` measure a route to
-that target: the same profile with another corpus, tokenizer, vocabulary, model size or SFT length (its
+``--corpus``, ``--tokenizer``, ``--vocab-size``, ``--n-layer``, ``--n-embd``, ``--sft-epochs``, ``--sft-max-length`` and
+``--max-new-tokens`` measure a route to that target: the same profile with another corpus, tokenizer, vocabulary,
+model size, SFT length or completion length (its
 own cached world; with another tokenizer the test prompts, drawn by the same seeded rule in tokens,
 are not the same prefixes, and with another corpus neither they nor the real texts are).
 """
@@ -37,7 +38,7 @@ TARGET = 600.0
 """The readable-text issue's bound on the judge's perplexity of the `tiny` SFT samples."""
 
 
-ROUTES = ("tokenizer", "vocab_size", "n_layer", "n_embd", "sft_epochs")
+ROUTES = ("tokenizer", "vocab_size", "n_layer", "n_embd", "sft_epochs", "sft_max_length")
 """The ``PolicySpec`` fields a route may change."""
 
 
@@ -49,6 +50,8 @@ def with_route(profile: Profile, args: argparse.Namespace) -> Profile:
         profile = profile.replace(policy=dataclasses.replace(profile.policy, **changes))
     if args.corpus is not None:
         profile = profile.replace(corpus=dataclasses.replace(profile.corpus, name=args.corpus))
+    if args.max_new_tokens is not None:
+        profile = profile.replace(sampling=dataclasses.replace(profile.sampling, max_new_tokens=args.max_new_tokens))
     return profile
 
 
@@ -81,6 +84,8 @@ def main() -> None:
     parser.add_argument("--n-layer", type=int, help="a route to try: the from-scratch model's blocks")
     parser.add_argument("--n-embd", type=int, help="a route to try: the from-scratch model's width")
     parser.add_argument("--sft-epochs", type=float, help="a route to try: passes of SFT over the training reviews")
+    parser.add_argument("--sft-max-length", type=int, help="a route to try: SFT on each review's first N tokens")
+    parser.add_argument("--max-new-tokens", type=int, help="a route to try: the completion length (sampled and judged)")
     args = parser.parse_args()
     builder = WorldBuilder(with_route(get_profile(args.profile), args), "cpu", progress=True)
     world = builder.build()

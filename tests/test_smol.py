@@ -27,7 +27,6 @@ from dpo_lab import lm, methods, pretrained
 from dpo_lab.pipeline import Pipeline
 from dpo_lab.preferences import load_preferences
 from dpo_lab.profiles import (
-    CorpusSpec,
     EvalSpec,
     OfflineTrainSpec,
     OnlineSpec,
@@ -73,7 +72,7 @@ def smol_pipeline(padless_base):
     """The `smol` profile cut to two steps of everything, on the pad-less SmolLM2 (policy and reward trunk)."""
     smol = get_profile("smol")
     profile = smol.replace(
-        corpus=CorpusSpec(max_train_docs=64, max_test_docs=24),
+        corpus=dataclasses.replace(smol.corpus, max_train_docs=64, max_test_docs=24),
         prompts=PromptSpec(min_tokens=2, max_tokens=4, n_train=8, n_test=4),
         policy=dataclasses.replace(smol.policy, base=str(padless_base), sft_max_steps=2, sft_batch_size=2,
                                    sft_max_length=16),

@@ -1,0 +1,56 @@
+"""Two checks beyond the sweep that the README reports, on a profile's world (default `tiny`):
+
+- DPO trained four times as long (``--epochs 2`` at beta 0.05 and 0.1): is DPO simply under-trained?
+- PPO at target KLs beyond the sweep's (24 and 48): do r_phi and r* part when PPO is let run further?
+
+    python scripts/longer_runs.py [--profile tiny]
+
+Trains the four runs (or reuses them from the cache) and writes ``data/results/<profile>/dpo_2_epochs.csv``
+(each run's evaluation rows) and ``ppo_high_targets.csv`` (the same, plus the training rollouts' mean r_phi, r*
+and KL at each checkpoint's iteration: ``rollout_r_phi``, ``rollout_r_star``, ``rollout_kl``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pandas as pd
+
+from dpo_lab import storage
+from dpo_lab.methods import RunRequest, get_method
+from dpo_lab.pipeline import Pipeline
+from dpo_lab.profiles import get_profile
+
+DPO_BETAS = (0.05, 0.1)
+DPO_EPOCHS = 2.0
+PPO_TARGETS = (24.0, 48.0)
+
+
+def with_rollouts(rows: pd.DataFrame, profile_name: str) -> pd.DataFrame:
+    """``rows`` (one PPO run's evaluations) with the rollout statistics logged at each checkpoint's iteration."""
+    path = storage.profile_dir(profile_name) / "runs" / rows["run_id"].iloc[0] / "metrics.jsonl"
+    rollouts = pd.read_json(path, lines=True)[["step", "score", "gold_score", "kl"]].rename(
+        columns={"score": "rollout_r_phi", "gold_score": "rollout_r_star", "kl": "rollout_kl"})
+    return rows.merge(rollouts, on="step", how="left")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="tiny")
+    args = parser.parse_args()
+    profile = get_profile(args.profile)
+    pipeline = Pipeline(profile)
+    results = storage.results_dir(profile.name)
+    dpo = get_method("dpo")
+    longer = dataclasses.replace(profile.offline, epochs=DPO_EPOCHS)
+    frames = [dpo.train(pipeline, RunRequest(beta, spec=longer)) for beta in DPO_BETAS]
+    pd.concat(frames).to_csv(results / "dpo_2_epochs.csv", index=False)
+    ppo = get_method("ppo")
+    frames = [with_rollouts(ppo.train(pipeline, RunRequest(target)), profile.name) for target in PPO_TARGETS]
+    pd.concat(frames).to_csv(results / "ppo_high_targets.csv", index=False)
+    print(f"wrote {results / 'dpo_2_epochs.csv'} and {results / 'ppo_high_targets.csv'}")
+
+
+if __name__ == "__main__":
+    main()
