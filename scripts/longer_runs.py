@@ -21,18 +21,19 @@ from dpo_lab import storage
 from dpo_lab.methods import RunRequest, get_method
 from dpo_lab.pipeline import Pipeline
 from dpo_lab.profiles import get_profile
+from dpo_lab.runs import Run
+from dpo_lab.train.ppo import train_ppo
 
 DPO_BETAS = (0.05, 0.1)
 DPO_EPOCHS = 2.0
 PPO_TARGETS = (24.0, 48.0)
 
 
-def with_rollouts(rows: pd.DataFrame, profile_name: str) -> pd.DataFrame:
-    """``rows`` (one PPO run's evaluations) with the rollout statistics logged at each checkpoint's iteration."""
-    path = storage.profile_dir(profile_name) / "runs" / rows["run_id"].iloc[0] / "metrics.jsonl"
-    rollouts = pd.read_json(path, lines=True)[["step", "score", "gold_score", "kl"]].rename(
+def with_rollouts(run: Run) -> pd.DataFrame:
+    """One PPO run's evaluation rows with the rollout statistics logged at each checkpoint's iteration."""
+    rollouts = run.metrics()[["step", "score", "gold_score", "kl"]].rename(
         columns={"score": "rollout_r_phi", "gold_score": "rollout_r_star", "kl": "rollout_kl"})
-    return rows.merge(rollouts, on="step", how="left")
+    return run.evaluations().merge(rollouts, on="step", how="left")
 
 
 def main() -> None:
@@ -46,8 +47,8 @@ def main() -> None:
     longer = dataclasses.replace(profile.offline, epochs=DPO_EPOCHS)
     frames = [dpo.train(pipeline, RunRequest(beta, spec=longer)) for beta in DPO_BETAS]
     pd.concat(frames).to_csv(results / "dpo_2_epochs.csv", index=False)
-    ppo = get_method("ppo")
-    frames = [with_rollouts(ppo.train(pipeline, RunRequest(target)), profile.name) for target in PPO_TARGETS]
+    frames = [with_rollouts(train_ppo(pipeline.world, target_kl=target, use_ground_truth=False,
+                                      reward_model_path=pipeline.reward_model)) for target in PPO_TARGETS]
     pd.concat(frames).to_csv(results / "ppo_high_targets.csv", index=False)
     print(f"wrote {results / 'dpo_2_epochs.csv'} and {results / 'ppo_high_targets.csv'}")
 
