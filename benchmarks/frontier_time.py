@@ -7,7 +7,8 @@ Runs ``dpo-lab prepare``, ``dpo-lab preferences``, ``dpo-lab reward`` and ``dpo-
 figures folder (never ``data/``), and prints each stage's wall time and the total. The frontier
 stage also writes the table and figures; the table is compared with the committed one
 (``data/results/<profile>/frontier.csv``), column by column, so the run says whether it
-reproduced the committed numbers.
+reproduced the committed numbers, and the least time any schedule of these runs on N jobs could take
+(:func:`schedule_bound`): how much of the frontier's time is the work itself.
 """
 
 from __future__ import annotations
@@ -58,6 +59,17 @@ def compare(table: Path, committed: Path) -> str:
     return "against the committed table (reward and KL):\n" + summary.to_string()
 
 
+def schedule_bound(table: Path, jobs: int, before: float) -> str:
+    """The shortest the frontier could have taken on ``jobs`` workers, from the runs' own times: their training
+    times (each run's ``wall_s`` at its last checkpoint, which leaves out the offline methods' evaluations, so the
+    bound is low) summed and divided by ``jobs``, after the ``before`` seconds every run waits for (``prepare``)."""
+    runs = pd.read_csv(table).groupby("run_id")["wall_s"].max()
+    fastest = runs.sum() / jobs
+    return (f"the {len(runs)} runs' training times sum to {runs.sum():.0f} s: {jobs} job(s) cannot run them in under "
+            f"{fastest:.0f} s ({fastest / 60:.1f} min), nor the whole in under prepare + that = "
+            f"{(before + fastest) / 60:.1f} min")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="tiny")
@@ -74,6 +86,7 @@ def main() -> None:
     print(f"  {'total':<12} {sum(seconds):7.1f} s ({sum(seconds) / 60:.1f} min)")
     table = work / "results" / args.profile / "frontier.csv"
     print(compare(table, ROOT / "data" / "results" / args.profile / "frontier.csv"))
+    print(schedule_bound(table, args.jobs, before=seconds[0]))
 
 
 if __name__ == "__main__":
