@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from dpo_lab.analysis import training_cost
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -63,9 +65,10 @@ def schedule_bound(table: Path, jobs: int, before: float) -> str:
     """The shortest the frontier could have taken on ``jobs`` workers, from the runs' own times: their training
     times (each run's ``wall_s`` at its last checkpoint, which leaves out the offline methods' evaluations, so the
     bound is low) summed and divided by ``jobs``, after the ``before`` seconds every run waits for (``prepare``)."""
-    runs = pd.read_csv(table).groupby("run_id")["wall_s"].max()
-    fastest = runs.sum() / jobs
-    return (f"the {len(runs)} runs' training times sum to {runs.sum():.0f} s: {jobs} job(s) cannot run them in under "
+    cost = training_cost(pd.read_csv(table))
+    total = cost["total s"].sum()
+    fastest = total / jobs
+    return (f"the {cost['runs'].sum()} runs' training times sum to {total:.0f} s: {jobs} job(s) cannot run them in under "
             f"{fastest:.0f} s ({fastest / 60:.1f} min), nor the whole in under prepare + that = "
             f"{(before + fastest) / 60:.1f} min")
 
