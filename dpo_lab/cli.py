@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser
 
 from dpo_lab import processes
-from dpo_lab.profiles import PRECISIONS, SOURCE_ENV_VARS, Profile, get_profile, profile_table
+from dpo_lab.profiles import PRECISIONS, PROFILES, SOURCE_ENV_VARS, Profile, get_profile, profile_table
 
 DEBUG_ENV_VAR = "DPO_LAB_DEBUG"
 
@@ -41,7 +41,7 @@ class CommonArgs:
     """Options every subcommand takes: the profile, the device, and the four sources (a hub id, or a local
     path written as a path: ./x, /x, ~/x)."""
 
-    profile: str | None = option("Profile name (ci, tiny, gpt2, paper); default: $DPO_LAB_PROFILE or tiny.")
+    profile: str | None = option(f"Profile name ({', '.join(PROFILES)}); default: $DPO_LAB_PROFILE or tiny.")
     device: str | None = option("Device (cpu, cuda, cuda:1, mps); default: $DPO_LAB_DEVICE, else CUDA, then MPS, "
                                 "then CPU.")
     corpus: str | None = option("IMDb-schema corpus: a hub dataset id, or a folder of train.parquet and "
@@ -384,7 +384,7 @@ def run_fluency(argv: list[str]) -> None:
 
 
 COMMANDS: dict[str, tuple[str, Callable[[list[str]], None]]] = {
-    "profiles": ("print the scale profiles (ci, tiny, gpt2, paper) as a table", run_profiles),
+    "profiles": (f"print the scale profiles ({', '.join(PROFILES)}) as a table", run_profiles),
     "prepare": ("build the corpus, prompts, SFT policy and ground-truth scorer", run_prepare),
     "preferences": ("sample pi_SFT, score with the ground truth, write the preference pairs", run_preferences),
     "reward": ("train the reward model r_phi on the preference pairs (Bradley-Terry, Eq. 2)", run_reward),
