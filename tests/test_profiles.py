@@ -75,6 +75,10 @@ def test_cli_help_lists_commands(capsys):
     out = capsys.readouterr().out
     assert "profiles" in out and "commands:" in out
     assert main(["no-such-command"]) == 2
+    with pytest.raises(SystemExit):
+        main(["prepare", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help over lines
+    assert all(name in out and name in help_text for name in PROFILES), "a profile missing from the CLI's help"
 
 
 def test_every_numeric_knob_has_a_rule():
