@@ -131,7 +131,9 @@ def reward_at_matched_kl(table: pd.DataFrame, kls: Sequence[float], kl_column: s
 
 def achieved_kl(table: pd.DataFrame, methods: Iterable[str] = ("ppo", "ppo-gt"), last: int = 3) -> pd.DataFrame:
     """How close each adaptive-KL run came to its target: the KL of its last checkpoint, and the
-    lowest and highest KL over its last ``last`` checkpoints. One row per run, by method and target."""
+    lowest and highest KL over its last ``last`` checkpoints. One row per run, by method and target
+    (no rows when the table holds none of ``methods``)."""
+    columns = ["method", "target KL", "final KL", f"min of last {last}", f"max of last {last}"]
     rows = []
     for _, run in table[table["method"].isin(list(methods))].groupby("run_id"):
         run = run.sort_values("step")
@@ -139,7 +141,7 @@ def achieved_kl(table: pd.DataFrame, methods: Iterable[str] = ("ppo", "ppo-gt"),
         rows.append({"method": run["method"].iloc[0], "target KL": run["hyperparameter"].iloc[0],
                      "final KL": run["kl"].iloc[-1], f"min of last {last}": tail.min(),
                      f"max of last {last}": tail.max()})
-    return pd.DataFrame(rows).sort_values(["method", "target KL"]).set_index("method")
+    return pd.DataFrame(rows, columns=columns).sort_values(["method", "target KL"]).set_index("method")
 
 
 def training_cost(table: pd.DataFrame) -> pd.DataFrame:

@@ -236,3 +236,18 @@ def test_the_analysis_adds_a_section_for_the_methods_since_the_paper():
     modern = text[len(paper_only):]
     assert "## Methods since the paper" in modern and "Training cost" in modern
     assert "grpo-gt" in modern and "ipo" in modern
+
+
+@pytest.mark.parametrize("methods", [["dpo"], ["best-of-n"]])
+def test_a_sweep_without_ppo_still_gets_its_report(tmp_path, monkeypatch, methods):
+    from dpo_lab.frontier import analysis_text, write_report
+    from dpo_lab.profiles import get_profile
+
+    monkeypatch.setenv("DPO_LAB_FIGURES", str(tmp_path / "figures"))
+    monkeypatch.setenv("DPO_LAB_RESULTS", str(tmp_path / "results"))
+    table = _table().assign(length=20.0, wall_s=1.0)
+    table = table[table["method"].isin(methods)]
+    assert achieved_kl(table).empty
+    assert "KL reached by the adaptive controller" in analysis_text(get_profile("ci"), table)
+    written = write_report(get_profile("ci"), table)
+    assert all(path.exists() for path in written)
