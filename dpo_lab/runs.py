@@ -14,14 +14,20 @@ hashes the run's full configuration, so the same configuration always finds the 
   step, optimiser and RNG state, loaded with ``torch.load(weights_only=True)``, and a
   ``MANIFEST.json`` of checksums), replaced atomically (:func:`dpo_lab.storage.atomic_dir`), the
   one before it kept as ``checkpoint.previous/``;
-- ``final/``: the final model, then the ``DONE`` marker (listing the evaluated steps): a finished
-  run is never trained again, unless its ``evaluations.csv`` was lost, in which case it is
-  reported and trained again, so the results table never silently loses its rows;
+- ``final/``: the final model with its checksums, then the ``DONE`` marker (listing the evaluated
+  steps): a finished run is never trained again, unless its ``evaluations.csv`` was lost or
+  damaged (unreadable, cut short, a non-finite reward or KL) or its final model no longer matches
+  its checksums, in which case it is reported and trained again (a damaged ``evaluations.csv`` is
+  kept as ``evaluations.csv.damaged``), so the results table never silently loses its rows and no
+  damaged model is reused;
 - ``FAILED``: written when a non-finite loss, gradient or score stopped the run
   (:mod:`dpo_lab.guards`); a rerun of the same configuration stops at once with its message.
 
 A checkpoint that fails its checksums, or whose step has no row in ``evaluations.csv``, is
-reported and skipped in favour of the one before it (or a fresh start).
+reported and skipped in favour of the one before it (or a fresh start). A line of
+``metrics.jsonl`` that a kill cut short is skipped when read, and the next record starts a line of
+its own. Training holds the folder's lock (:meth:`Run.exclusive`): a second process that asks for
+the same run at once waits, then finds it finished.
 
 Under several processes (``accelerate launch``) only the main process writes the folder: every
 process builds the same :class:`Run`, but logs, metrics, rows, checkpoints and the final model
@@ -40,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -47,6 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from accelerate import Accelerator
@@ -59,6 +67,7 @@ from dpo_lab.lm import save_causal_lm, write_causal_lm
 CHECKPOINT_DIR = "checkpoint"
 FINAL_DIR = "final"
 SAMPLES_FILE = "samples.json"
+EVALUATIONS = "evaluations.csv"
 TRAINER_STATE = "trainer_state.pt"
 LOG_FILE = "log.txt"
 FAILED = "FAILED"
@@ -91,14 +100,16 @@ class Run:
 
     @property
     def finished(self) -> bool:
-        """Whether the run completed: its ``DONE`` marker exists and its evaluation rows are all there.
+        """Whether the run completed: its ``DONE`` marker exists, its evaluation rows are all there and sound,
+        and its final model matches its checksums.
 
-        A finished run whose ``evaluations.csv`` is missing, unreadable or short of a step it
-        evaluated is reported, unmarked, and so trained again (deterministically, the same rows).
+        A finished run with any of these problems is reported, unmarked, and so trained again
+        (deterministically: the same rows, the same final model).
         """
         if not storage.is_done(self.path):
             return False
-        problem = self.evaluations_problem()
+        final_problem = storage.manifest_problem(self.path / FINAL_DIR)
+        problem = self.evaluations_problem() or (final_problem and f"its final model: {final_problem}")
         if problem is None:
             return True
         storage.log.warning("%s: %s; training the run again so that no result is lost", self.path, problem)
@@ -108,18 +119,62 @@ class Run:
         return False
 
     def evaluations_problem(self) -> str | None:
-        """What is wrong with a finished run's ``evaluations.csv`` (missing, unreadable, short of steps), or None."""
-        if not (self.path / "evaluations.csv").exists():
-            return "evaluations.csv is missing"
-        steps = self.evaluated_steps()
-        if steps is None:
-            return "evaluations.csv is unreadable"
+        """What is wrong with a finished run's ``evaluations.csv`` (missing, damaged, short of steps), or None."""
+        if not (self.path / EVALUATIONS).exists():
+            return f"{EVALUATIONS} is missing"
+        damage = self.evaluations_damage()
+        if damage is not None:
+            return damage
         try:
             expected = set(json.loads((self.path / storage.DONE_MARKER).read_text())["steps"])
         except (ValueError, KeyError, TypeError):
             expected = {0}  # a marker written before the steps were recorded
-        missing = sorted(expected - steps)
-        return f"evaluations.csv has no row for step(s) {missing}" if missing else None
+        missing = sorted(expected - self.evaluated_steps())
+        return f"{EVALUATIONS} has no row for step(s) {missing}" if missing else None
+
+    def evaluations_damage(self) -> str | None:
+        """Why ``evaluations.csv`` cannot be trusted (unreadable, cut short, a non-finite reward or KL), or None.
+
+        The file is always rewritten whole and atomically, so any of these means it was damaged
+        after it was written.
+        """
+        path = self.path / EVALUATIONS
+        try:
+            text = path.read_text()
+            table = self.evaluations()
+        except (OSError, ValueError, UnicodeDecodeError) as err:
+            return f"{EVALUATIONS} is unreadable ({err})"
+        if (text and not text.endswith("\n")) or table.isna().to_numpy().any():
+            return f"{EVALUATIONS} is cut short (a row lacks some of its values)"
+        measured = [column for column in ("reward", "kl") if column in table.columns]
+        if not np.isfinite(table[measured].to_numpy(float)).all():
+            return f"{EVALUATIONS} has a non-finite reward or KL"
+        return None
+
+    def resume_point(self) -> tuple[Path, dict[str, Any]] | None:
+        """Where training (re)starts: the newest sound checkpoint (:meth:`latest_checkpoint`), or None for step 0.
+
+        First, stop at once if an earlier attempt ended on a non-finite value (:meth:`raise_if_failed`),
+        and move a damaged ``evaluations.csv`` aside to ``evaluations.csv.damaged`` (reported), so
+        that training starts again from a clean slate and re-creates its rows.
+        """
+        self.raise_if_failed()
+        damage = self.evaluations_damage() if (self.path / EVALUATIONS).exists() else None
+        if damage is not None and processes.is_main_process():
+            aside = self.path / (EVALUATIONS + ".damaged")
+            os.replace(self.path / EVALUATIONS, aside)
+            storage.log.warning("%s: %s; moved to %s, training from the start", self.path, damage, aside.name)
+        return self.latest_checkpoint()
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        """Hold this run folder's lock for the block (main process): a second process that trains the same
+        configuration at once waits, then finds the run finished (:func:`dpo_lab.storage.exclusive`)."""
+        if not processes.is_main_process():
+            yield
+            return
+        with storage.exclusive(self.path):
+            yield
 
     def raise_if_failed(self) -> None:
         """Raise :class:`NonFiniteError` if an earlier attempt of this configuration stopped on a non-finite value."""
@@ -145,31 +200,42 @@ class Run:
             raise type(err)(message) from None
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        """Append one step's training metrics to ``metrics.jsonl`` (main process only)."""
+        """Append one step's training metrics to ``metrics.jsonl`` (main process only).
+
+        A line that a kill cut short is ended first, so the new record gets a line of its own.
+        """
         if not processes.is_main_process():
             return
-        with open(self.path / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps({"step": step, **metrics}) + "\n")
+        path = self.path / "metrics.jsonl"
+        start = "\n" if ends_mid_line(path) else ""
+        with open(path, "a") as fh:
+            fh.write(start + json.dumps({"step": step, **metrics}) + "\n")
 
     def metrics(self) -> pd.DataFrame:
-        """All logged steps (the last record wins where a resumed run logged a step twice)."""
+        """All logged steps (the last record wins where a resumed run logged a step twice).
+
+        Lines that a kill cut short (not valid JSON) are skipped, and reported once.
+        """
         path = self.path / "metrics.jsonl"
         if not path.exists():
             return pd.DataFrame()
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        if lines:  # a kill mid-append can leave a partial last line: drop it
+        rows, skipped = [], 0
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
             try:
-                json.loads(lines[-1])
+                rows.append(json.loads(line))
             except json.JSONDecodeError:
-                lines.pop()
-        rows = [json.loads(line) for line in lines]
+                skipped += 1
+        if skipped:
+            storage.log.warning("%s: skipped %d line(s) cut short by a kill", path, skipped)
         return pd.DataFrame(rows).drop_duplicates("step", keep="last").reset_index(drop=True)
 
     def add_evaluation(self, row: dict[str, Any]) -> None:
         """Record one checkpoint's evaluation row (replacing an earlier row of the same step)."""
         kept = [r for r in self.evaluations().to_dict("records") if r["step"] != row["step"]]
         table = pd.DataFrame([*kept, row]).sort_values("step")  # from records: integer columns stay integers
-        with storage.atomic_path(self.path / "evaluations.csv") as tmp:
+        with storage.atomic_path(self.path / EVALUATIONS) as tmp:
             table.to_csv(tmp, index=False)
 
     def add_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
@@ -182,17 +248,24 @@ class Run:
         path = self.path / SAMPLES_FILE
         return {int(step): rows for step, rows in storage.read_json(path).items()} if path.exists() else {}
 
-    def evaluated_steps(self) -> set[int] | None:
-        """The steps ``evaluations.csv`` has rows for (empty if it does not exist), or None if it is unreadable."""
-        try:
-            return set(self.evaluations()["step"])
-        except (OSError, ValueError, KeyError):
-            return None
+    def evaluated_steps(self) -> set[int]:
+        """The steps ``evaluations.csv`` has sound rows for (none if it is missing or damaged)."""
+        if not (self.path / EVALUATIONS).exists() or self.evaluations_damage() is not None:
+            return set()
+        return set(self.evaluations()["step"])
 
     def evaluations(self) -> pd.DataFrame:
-        """The evaluation rows recorded so far (empty if none); an unreadable file raises."""
-        path = self.path / "evaluations.csv"
-        return pd.read_csv(path) if path.exists() else pd.DataFrame(columns=["step"])
+        """The evaluation rows recorded so far (empty if none); an unreadable file raises a ``ValueError`` naming it."""
+        path = self.path / EVALUATIONS
+        if not path.exists():
+            return pd.DataFrame(columns=["step"])
+        try:
+            table = pd.read_csv(path)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} is unreadable ({err}); training this run again moves it aside") from None
+        if "step" not in table.columns:
+            raise ValueError(f"{path} has no 'step' column; training this run again moves it aside")
+        return table
 
     def save_checkpoint(self, step: int, model, tokenizer, state: dict[str, Any]) -> None:
         """Save model and trainer state (tensors and plain values only) with their checksums as the latest
@@ -208,7 +281,7 @@ class Run:
         Sound: its files match their checksums and ``evaluations.csv`` has the row of its step
         (the row is written before the checkpoint). Any other checkpoint is reported and skipped.
         """
-        evaluated = self.evaluated_steps() or set()
+        evaluated = self.evaluated_steps()
         for name in CHECKPOINTS:
             folder = self.path / name
             if not folder.exists():
@@ -236,6 +309,15 @@ class Run:
                 shutil.rmtree(self.path / name, ignore_errors=True)
         processes.wait_for_everyone()
         return final
+
+
+def ends_mid_line(path: Path) -> bool:
+    """Whether the file at ``path`` ends without a newline (a kill cut its last line short)."""
+    if not path.exists() or path.stat().st_size == 0:
+        return False
+    with open(path, "rb") as fh:
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1) != b"\n"
 
 
 def run_config(world, method: str, seed: int, **entries: Any) -> dict[str, Any]:

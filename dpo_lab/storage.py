@@ -323,7 +323,7 @@ def cached_artifact(profile_name: str, stage: str, config: Any, build: Callable[
     beside it, then ``MANIFEST.json`` and the ``DONE`` marker, then the folder is renamed into place
     (:func:`atomic_dir`). A finished folder that fails its manifest check is reported and rebuilt.
 
-    Processes that need it at once build it once (:func:`build_lock`). Under ``accelerate launch``
+    Processes that need it at once build it once (:func:`exclusive`). Under ``accelerate launch``
     (:mod:`dpo_lab.processes`) the main process builds while the others wait, then read it. A
     ``collective`` build trains data-parallel, so every process takes part: the main one builds into
     the staging folder, the others into a scratch folder that is dropped (the builds save their
@@ -333,36 +333,41 @@ def cached_artifact(profile_name: str, stage: str, config: Any, build: Callable[
     if collective and processes.launched_processes() > 1:
         if not finished_artifact(final):
             if processes.is_main_process():
-                with build_lock(final):
+                with exclusive(final):
                     build_artifact(final, config, build)
             else:
                 with tempfile.TemporaryDirectory() as scratch:
                     build(Path(scratch))
         processes.wait_for_everyone()
         return final
-    with processes.main_process_first(), build_lock(final):
+    with processes.main_process_first(), exclusive(final):
         if not finished_artifact(final):
             build_artifact(final, config, build)
     return final
 
 
 @contextlib.contextmanager
-def build_lock(final: Path) -> Iterator[None]:
-    """Hold an exclusive lock on building ``final`` (a file in ``.locks/`` beside it) for the block.
+def exclusive(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (a file in ``.locks/`` beside it) for the block.
 
     Two processes that need the same artifact at once (two jobs of a parallel sweep, two notebooks)
-    then build it once: the second waits, then finds it finished. Where ``fcntl`` does not exist
-    (Windows) the block runs unlocked.
+    then build it once, two that train the same run folder train it once, and two sweeps that
+    write the same results table take turns: the second waits (saying so once), then finds the
+    work done. Where ``fcntl`` does not exist (Windows) the block runs unlocked.
     """
     try:
         import fcntl
     except ImportError:
         yield
         return
-    locks = final.parent / ".locks"
+    locks = path.parent / ".locks"
     locks.mkdir(parents=True, exist_ok=True)
-    with open(locks / f"{final.name}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    with open(locks / f"{path.name}.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("%s: another process holds it; waiting for it to finish", path)
+            fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:

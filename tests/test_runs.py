@@ -1,7 +1,10 @@
 """Run folders survive kills at the awkward moments: mid-append, mid-checkpoint, mid-finish."""
 
 import os
+import threading
+import time
 
+import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -111,3 +114,81 @@ def test_evaluation_rows_keep_their_columns_and_integer_types(tmp_path, monkeypa
     assert table.columns.tolist() == ["run_id", "seed", "step", "reward", "n_prompts"]
     assert table["step"].tolist() == [0, 5] and table["reward"].tolist() == [0.5, 5.5]
     assert (table["seed"].dtype.kind, table["n_prompts"].dtype.kind) == ("i", "i")
+
+
+def test_a_record_logged_after_a_cut_short_line_is_kept(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("DPO_LAB_HOME", str(tmp_path))
+    run = Run("ci", "dpo", "beta0.1", {"beta": 0.1})
+    run.log_metrics(1, {"loss": 0.7})
+    with open(run.path / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 2, "lo')  # killed mid-append; the resumed run logs step 2 again, then 3
+    run.log_metrics(2, {"loss": 0.6})
+    run.log_metrics(3, {"loss": 0.5})
+    with caplog.at_level("WARNING", logger="dpo_lab"):
+        assert run.metrics()["loss"].tolist() == [0.7, 0.6, 0.5]
+    assert "skipped 1 line(s)" in caplog.text
+
+
+def _finished_run(tmp_path, monkeypatch):
+    run, model, tokenizer = _run_with_two_checkpoints(tmp_path, monkeypatch)
+    run.finish(model, tokenizer)
+    assert run.finished
+    return run
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda text: "", "is unreadable"),
+    (lambda text: text[:-3], "cut short"),
+    (lambda text: text.replace("0.5", "inf"), "non-finite reward"),
+])
+def test_a_damaged_evaluations_file_is_moved_aside_and_the_run_trained_again(tmp_path, monkeypatch, caplog,
+                                                                             damage, problem):
+    run = _finished_run(tmp_path, monkeypatch)
+    path = run.path / "evaluations.csv"
+    path.write_text(damage(path.read_text()))
+    with caplog.at_level("WARNING", logger="dpo_lab"):
+        assert not run.finished
+        assert run.resume_point() is None  # nothing sound to resume from: step 0
+    assert problem in caplog.text and "evaluations.csv.damaged" in caplog.text
+    assert not path.exists() and (run.path / "evaluations.csv.damaged").exists()
+    run.add_evaluation({"step": 0, "reward": 0.5})  # training again records its rows as usual
+    assert run.evaluations()["step"].tolist() == [0]
+
+
+def test_an_unreadable_evaluations_file_is_named_when_read(tmp_path, monkeypatch):
+    run = _finished_run(tmp_path, monkeypatch)
+    (run.path / "evaluations.csv").write_text("")
+    with pytest.raises(ValueError, match=r"evaluations.csv is unreadable"):
+        run.evaluations()
+
+
+def test_a_finished_run_whose_final_model_changed_is_trained_again(tmp_path, monkeypatch, caplog):
+    from safetensors.torch import load_file, save_file
+
+    run = _finished_run(tmp_path, monkeypatch)
+    weights = run.path / "final" / "model.safetensors"
+    save_file({name: tensor * 0.3 for name, tensor in load_file(weights).items()}, weights)  # finite, but wrong
+    with caplog.at_level("WARNING", logger="dpo_lab"):
+        assert not run.finished
+    assert "its final model: model.safetensors does not match the checksum" in caplog.text
+    assert not (run.path / "final").exists() and not (run.path / "DONE").exists()
+
+
+def test_a_second_process_waits_for_the_run_the_first_is_training(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("DPO_LAB_HOME", str(tmp_path))
+    run = Run("ci", "dpo", "beta0.1", {"beta": 0.1})
+    order = []
+
+    def second():
+        with Run("ci", "dpo", "beta0.1", {"beta": 0.1}).exclusive():
+            order.append("second")
+
+    with caplog.at_level("WARNING", logger="dpo_lab"):
+        with run.exclusive():
+            waiting = threading.Thread(target=second)
+            waiting.start()
+            while "another process holds it" not in caplog.text:  # the second one reports, then blocks
+                time.sleep(0.01)
+            order.append("first")
+        waiting.join()
+    assert order == ["first", "second"]

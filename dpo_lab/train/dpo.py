@@ -145,7 +145,8 @@ class Objective:
 
         ``token_logps``, ``mask``: (2B, T) per-token log-probs of the completions, the B chosen
         rows first, then the B rejected ones ((B, T), chosen only, for Preferred-FT).
-        ``reference``: (B, 2) summed log pi_ref of chosen and rejected (DPO only, else ``None``).
+        ``reference``: (B, 2) summed log pi_ref of chosen and rejected (the DPO family and KTO, which
+        compare with pi_ref; ``None`` for the reference-free objectives).
         """
         sequence = token_logps.sum(-1)
         if not self.uses_rejected:
@@ -429,8 +430,9 @@ def train_offline(world, pairs_path: str | Path, method: str, *, beta: float = 0
 
     ``world``: a :class:`dpo_lab.world.World`; ``pairs_path``: a folder of
     :func:`dpo_lab.preferences.build_preferences`. ``method``: ``dpo`` (with ``beta``, ``loss_type``,
-    ``label_smoothing``), ``unlikelihood`` (with ``alpha``) or ``preferred-ft``; the other
-    hyperparameters are ignored. ``overrides`` replaces the profile's ``OfflineTrainSpec``;
+    ``label_smoothing``), ``unlikelihood`` (with ``alpha``), ``preferred-ft``, ``kto`` (with ``beta``),
+    ``simpo`` (with ``beta`` and ``gamma``) or ``orpo`` (with ``lam``); a method ignores the
+    hyperparameters it does not name. ``overrides`` replaces the profile's ``OfflineTrainSpec``;
     ``seed`` (default: the spec's) replaces its seed. ``reference``: ``cached`` or ``on-the-fly``
     log pi_ref. The run's evaluations are ``run.evaluations()``, its step metrics ``run.metrics()``.
     Malformed preference data raises :class:`dpo_lab.preferences.PreferenceDataError` before training.
@@ -443,21 +445,21 @@ def train_offline(world, pairs_path: str | Path, method: str, *, beta: float = 0
     if reference not in REFERENCE_MODES:
         raise ValueError(f"reference must be one of {REFERENCE_MODES}, got {reference!r}")
     run = offline_run(world, pairs_path, objective, spec, reference)
-    if run.finished:
-        return run
-    run.raise_if_failed()
-    pairs = load_pairs(pairs_path)
-    accelerator = runtime.make_accelerator(device, world.profile.mixed_precision, spec.grad_accum)
-    check_processes(spec, accelerator.num_processes)
-    resume = run.latest_checkpoint()
-    train_step, tokenizer, ref_model = offline_step(world, pairs_path, pairs, objective, spec, reference, accelerator,
-                                                    resume[0] if resume else world.sft_dir, progress)
-    scorer = world.load_scorer(accelerator.device)
-    if resume:
-        train_step.load_state_dict(resume[1])
-    done, seconds = start_or_resume(run, resume, spec.seed, accelerator.device)
-    checkpoint = Checkpointer(run, world, ref_model, tokenizer, scorer, total_steps(spec, len(pairs)), accelerator)
-    offline_loop(train_step, checkpoint, done, seconds, progress)
+    with run.exclusive():
+        if run.finished:
+            return run
+        resume = run.resume_point()
+        pairs = load_pairs(pairs_path)
+        accelerator = runtime.make_accelerator(device, world.profile.mixed_precision, spec.grad_accum)
+        check_processes(spec, accelerator.num_processes)
+        train_step, tokenizer, ref_model = offline_step(world, pairs_path, pairs, objective, spec, reference,
+                                                        accelerator, resume[0] if resume else world.sft_dir, progress)
+        scorer = world.load_scorer(accelerator.device)
+        if resume:
+            train_step.load_state_dict(resume[1])
+        done, seconds = start_or_resume(run, resume, spec.seed, accelerator.device)
+        checkpoint = Checkpointer(run, world, ref_model, tokenizer, scorer, total_steps(spec, len(pairs)), accelerator)
+        offline_loop(train_step, checkpoint, done, seconds, progress)
     return run
 
 

@@ -215,6 +215,9 @@ def optimise(online: OnlineSetup, rollout: GroupRollout) -> dict[str, float]:
     advantages = None if online.method == "online-dpo" else advantages_of(online, rollout)
     chosen, rejected = pairs_of(rollout, accelerator) if online.method == "online-dpo" else (None, None)
     units = len(chosen) if chosen is not None else len(rollout.scores)
+    if units == 0:
+        storage.log.warning("online DPO: every pair of this rollout tied (identical scores), so this iteration "
+                            "takes no optimiser step (its logged loss is NaN, its pairs 0)")
     size = max(1, spec.minibatch_size // accelerator.num_processes // (2 if chosen is not None else 1))
     losses = []
     for _ in range(spec.epochs):
@@ -267,21 +270,21 @@ def train_online(world, method: str, *, beta: float, use_ground_truth: bool, rew
         raise ValueError(f"{method} with the learned reward needs reward_model_path (or use_ground_truth=True)")
     progress = progress and processes.is_main_process()
     run = online_run(world, method, beta, use_ground_truth, None if use_ground_truth else reward_model_path, seed, spec)
-    if run.finished:
-        return run
-    run.raise_if_failed()
-    resume = run.latest_checkpoint()
-    online = setup(world, method, beta, spec, None if use_ground_truth else reward_model_path,
-                   resume[0] if resume else None, device)
-    normalise = ScoreNormaliser()
-    if resume:
-        online.optimizer.load_state_dict(resume[1]["optimizer"])
-        normalise.mean, normalise.std = resume[1]["score_mean"], resume[1]["score_std"]
-        runtime.load_scaler_state(online.accelerator, resume[1])
-    done, wall_before = start_or_resume(run, resume, seed, online.accelerator.device)
-    checkpoint = Checkpointer(run, world, online.reference, online.tokenizer, online.ground_truth, spec.iterations,
-                              online.accelerator)
-    online_loop(online, checkpoint, normalise, range(done, spec.iterations + 1), wall_before, seed, progress)
+    with run.exclusive():
+        if run.finished:
+            return run
+        resume = run.resume_point()
+        online = setup(world, method, beta, spec, None if use_ground_truth else reward_model_path,
+                       resume[0] if resume else None, device)
+        normalise = ScoreNormaliser()
+        if resume:
+            online.optimizer.load_state_dict(resume[1]["optimizer"])
+            normalise.mean, normalise.std = resume[1]["score_mean"], resume[1]["score_std"]
+            runtime.load_scaler_state(online.accelerator, resume[1])
+        done, wall_before = start_or_resume(run, resume, seed, online.accelerator.device)
+        checkpoint = Checkpointer(run, world, online.reference, online.tokenizer, online.ground_truth,
+                                  spec.iterations, online.accelerator)
+        online_loop(online, checkpoint, normalise, range(done, spec.iterations + 1), wall_before, seed, progress)
     return run
 
 

@@ -144,6 +144,9 @@ class KLController:
         if self.target is not None and not (math.isfinite(self.target) and self.target > 0):
             raise ValueError(f"target_kl must be a finite number > 0 (or omitted for a fixed coefficient), "
                              f"got {self.target}")
+        if self.target is not None and self.value == 0:
+            raise ValueError("the adaptive KL controller multiplies its coefficient, so an initial coefficient "
+                             "of 0 (init_kl_coef) would stay 0: give it a value > 0, or omit target_kl")
 
     def update(self, kl: float, n_samples: int) -> None:
         """Adapt beta to the KL ``kl`` measured on a rollout of ``n_samples`` samples (no-op when fixed)."""
@@ -476,23 +479,23 @@ def train_ppo(world, *, target_kl: float | None, use_ground_truth: bool, reward_
         raise ValueError("PPO with the learned reward needs reward_model_path (or use_ground_truth=True)")
     run = ppo_run(world, target_kl=target_kl, use_ground_truth=use_ground_truth,
                   reward_model_path=reward_model_path, seed=seed, spec=spec)
-    if run.finished:
-        return run
-    run.raise_if_failed()
-    resume = run.latest_checkpoint()
-    ppo = setup(world, spec, use_ground_truth=use_ground_truth, reward_model_path=reward_model_path,
-                policy_dir=resume[0] if resume else None, device=device)
-    normalise = ScoreNormaliser()
-    if resume:
-        ppo.accelerator.unwrap_model(ppo.model).value_head.load_state_dict(resume[1]["value_head"])
-        ppo.optimizer.load_state_dict(resume[1]["optimizer"])
-        kl_control.value = resume[1]["kl_coef"]
-        normalise.mean, normalise.std = resume[1]["score_mean"], resume[1]["score_std"]
-        runtime.load_scaler_state(ppo.accelerator, resume[1])
-    done, wall_before = start_or_resume(run, resume, seed, ppo.accelerator.device)
-    checkpoint = Checkpointer(run, world, ppo.reference, ppo.tokenizer, ppo.ground_truth, spec.iterations,
-                              ppo.accelerator)
-    ppo_loop(ppo, checkpoint, kl_control, normalise, range(done, spec.iterations + 1), wall_before, seed, progress)
+    with run.exclusive():
+        if run.finished:
+            return run
+        resume = run.resume_point()
+        ppo = setup(world, spec, use_ground_truth=use_ground_truth, reward_model_path=reward_model_path,
+                    policy_dir=resume[0] if resume else None, device=device)
+        normalise = ScoreNormaliser()
+        if resume:
+            ppo.accelerator.unwrap_model(ppo.model).value_head.load_state_dict(resume[1]["value_head"])
+            ppo.optimizer.load_state_dict(resume[1]["optimizer"])
+            kl_control.value = resume[1]["kl_coef"]
+            normalise.mean, normalise.std = resume[1]["score_mean"], resume[1]["score_std"]
+            runtime.load_scaler_state(ppo.accelerator, resume[1])
+        done, wall_before = start_or_resume(run, resume, seed, ppo.accelerator.device)
+        checkpoint = Checkpointer(run, world, ppo.reference, ppo.tokenizer, ppo.ground_truth, spec.iterations,
+                                  ppo.accelerator)
+        ppo_loop(ppo, checkpoint, kl_control, normalise, range(done, spec.iterations + 1), wall_before, seed, progress)
     return run
 
 
