@@ -290,7 +290,7 @@ def run_figures(argv: list[str]) -> None:
 
     from dpo_lab import storage
     from dpo_lab.fluency import fluency_path, with_fluency
-    from dpo_lab.frontier import RESULTS_FILE, results_path, write_report
+    from dpo_lab.frontier import RESULTS_FILE, write_report
     from dpo_lab.plots import plot_fluency
     from dpo_lab.temperature import temperature_path, write_temperature_report
 
@@ -300,10 +300,7 @@ def run_figures(argv: list[str]) -> None:
     if not names:
         raise ValueError("no results table found under data/results/; run `dpo-lab frontier` first")
     for name in names:
-        path = results_path(name)
-        if not path.exists():
-            raise ValueError(f"no results table at {path}; run `dpo-lab frontier --profile {name}` first")
-        table = pd.read_csv(path)
+        path, table = committed_table(name)
         written = write_report(get_profile(name), table)
         if temperature_path(name).exists():
             written += write_temperature_report(name, pd.read_csv(temperature_path(name)))
@@ -326,14 +323,12 @@ class TemperatureArgs:
 
 def committed_table(profile_name: str):
     """``(path, table)`` of the profile's results table, or a one-line error naming the command that makes it."""
-    import pandas as pd
-
-    from dpo_lab.frontier import results_path
+    from dpo_lab.frontier import read_results, results_path
 
     path = results_path(profile_name)
     if not path.exists():
         raise ValueError(f"no results table at {path}; run `dpo-lab frontier --profile {profile_name}` first")
-    return path, pd.read_csv(path)
+    return path, read_results(path)
 
 
 def run_temperature(argv: list[str]) -> None:

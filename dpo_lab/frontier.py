@@ -113,6 +113,22 @@ def write_results(table: pd.DataFrame, path: Path) -> None:
         table.to_csv(tmp, index=False, float_format="%.6g")
 
 
+def read_results(path: Path) -> pd.DataFrame:
+    """The results table at ``path`` (an empty one if there is none); a damaged file raises one line naming it."""
+    if not path.exists():
+        return pd.DataFrame(columns=COLUMNS)
+    try:
+        table = pd.read_csv(path)
+    except (ValueError, UnicodeDecodeError) as err:
+        table, problem = None, f"is unreadable ({err})"
+    else:
+        problem = None if "method" in table.columns else "has no 'method' column"
+    if problem:
+        raise ValueError(f"the results table {path} {problem}: restore it (`git checkout -- {path}` for a committed "
+                         "table) or delete it, and the sweep writes it again from its finished runs")
+    return table
+
+
 def run_sweep(profile: Profile, methods: Sequence[str] | None = None, device: str | None = None,
               progress: bool = True, jobs: int = 1, ray_address: str | None = None) -> pd.DataFrame:
     """Run the sweep (skipping finished runs), rewriting the results table after every run.
@@ -128,6 +144,8 @@ def run_sweep(profile: Profile, methods: Sequence[str] | None = None, device: st
         raise ValueError("--jobs and --ray-address start their own processes: run them without accelerate launch")
     entries = sweep_entries(profile, methods)
     storage.check_writable(profile.name)
+    path = results_path(profile.name)
+    table = ResultsTable(path, [entry.method for entry in entries])
     pipeline = Pipeline(profile, device=device, progress=progress)
     if jobs > 1 or ray_address:
         for upstream in dict.fromkeys(get_method(entry.method).needs for entry in entries):
@@ -140,8 +158,6 @@ def run_sweep(profile: Profile, methods: Sequence[str] | None = None, device: st
         finishing = workers.local_jobs(profile, entries, jobs, device)
     else:
         finishing = workers.in_process(profile, entries, pipeline, device, progress)
-    path = results_path(profile.name)
-    table = ResultsTable(path, [entry.method for entry in entries])
     started = time.time()
     for entry, rows in tqdm(finishing, total=len(entries), desc=f"frontier sweep ({profile.name})",
                             disable=not progress):
@@ -150,7 +166,7 @@ def run_sweep(profile: Profile, methods: Sequence[str] | None = None, device: st
     processes.wait_for_everyone()
     if progress:
         print(f"sweep of {len(entries)} runs done in {time.time() - started:.0f} s; table: {path}")
-    return pd.read_csv(path)
+    return read_results(path)
 
 
 class ResultsTable:
@@ -158,27 +174,38 @@ class ResultsTable:
 
     Rows of methods outside the sweep are kept; earlier rows of the sweep's methods are kept until
     their entry finishes again (so a killed sweep loses no rows), and dropped at :meth:`close` if
-    their setting is no longer in the sweep.
+    their setting is no longer in the sweep. Every rewrite reads the file again under its lock
+    (:func:`dpo_lab.storage.exclusive`), so two sweeps of different methods at once keep each other's rows.
     """
 
     def __init__(self, path: Path, methods: Sequence[str]):
         self.path = path
-        previous = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=COLUMNS)
-        self.other_methods = previous[~previous["method"].isin(methods)]
-        self.pending = previous[previous["method"].isin(methods)]
-        self.finished: list[pd.DataFrame] = []
+        self.methods = list(methods)
+        self.finished: list[tuple[SweepEntry, pd.DataFrame]] = []
+        read_results(path)  # a damaged table stops the sweep now, not after its first run
 
     def add(self, entry: SweepEntry, rows: pd.DataFrame) -> None:
         """Record one finished entry's rows (replacing its earlier rows) and rewrite the table (main process only)."""
-        self.finished.append(rows)
-        self.pending = self.pending[~entry.rows_in(self.pending)]
-        if processes.is_main_process():
-            write_results(pd.concat([self.other_methods, self.pending, *self.finished], ignore_index=True), self.path)
+        self.finished.append((entry, rows))
+        self.rewrite(keep_earlier=True)
 
     def close(self) -> None:
         """Drop the earlier rows of settings no longer in the sweep."""
-        if len(self.pending) and processes.is_main_process():
-            write_results(pd.concat([self.other_methods, *self.finished], ignore_index=True), self.path)
+        self.rewrite(keep_earlier=False)
+
+    def rewrite(self, keep_earlier: bool) -> None:
+        """Write the table on disk with this sweep's finished rows in place of their entries' earlier rows."""
+        if not processes.is_main_process():
+            return
+        with storage.exclusive(self.path):
+            table = read_results(self.path)
+            ours = table["method"].isin(self.methods)
+            earlier = table[ours]
+            for entry, _ in self.finished:
+                earlier = earlier[~entry.rows_in(earlier)]
+            if keep_earlier or len(earlier):
+                kept = [table[~ours], earlier] if keep_earlier else [table[~ours]]
+                write_results(pd.concat([*kept, *(rows for _, rows in self.finished)], ignore_index=True), self.path)
 
 
 def matched_kl_table(table: pd.DataFrame, kls, kl_column: str = "kl") -> pd.DataFrame:

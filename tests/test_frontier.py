@@ -195,3 +195,30 @@ def test_job_threads_share_the_cores_without_exceeding_the_profile():
     assert workers.job_threads(tiny.replace(threads=0), jobs=4, cores=16) == 4
     with pytest.raises(ValueError, match="jobs must be >= 1"):
         run_sweep(ci, ["dpo"], jobs=0)
+
+
+def _rows(method, value):
+    return pd.DataFrame([{"profile": "ci", "run_id": f"{method}/{value}", "method": method,
+                          "hyperparameter_name": "beta", "hyperparameter": value, "seed": 0, "step": step,
+                          "reward": 0.5 + step, "reward_se": 0.1, "kl": float(step), "kl_se": 0.1}
+                         for step in (0, 1)])
+
+
+def test_two_sweeps_of_different_methods_at_once_keep_each_others_rows(tmp_path):
+    path = tmp_path / "frontier.csv"
+    dpo, unlikelihood = frontier.ResultsTable(path, ["dpo"]), frontier.ResultsTable(path, ["unlikelihood"])
+    dpo.add(SweepEntry("dpo", "beta", 0.1), _rows("dpo", 0.1))
+    unlikelihood.add(SweepEntry("unlikelihood", "alpha", 0.5), _rows("unlikelihood", 0.5))
+    dpo.add(SweepEntry("dpo", "beta", 0.3), _rows("dpo", 0.3))
+    dpo.close()
+    unlikelihood.close()
+    table = frontier.read_results(path)
+    assert table.groupby("method")["hyperparameter"].unique().map(sorted).to_dict() == {
+        "dpo": [0.1, 0.3], "unlikelihood": [0.5]}
+
+
+def test_a_damaged_results_table_stops_the_sweep_before_it_starts(tmp_path):
+    path = tmp_path / "frontier.csv"
+    path.write_text("")
+    with pytest.raises(ValueError, match=r"frontier.csv is unreadable .*delete it"):
+        frontier.ResultsTable(path, ["dpo"])
