@@ -195,6 +195,8 @@ def offline_trainer(method: str, loss_type: str = "sigmoid") -> TrainFn:
 def ppo_trainer(use_ground_truth: bool) -> TrainFn:
     """The training function of PPO (learned reward) or PPO-GT (ground truth)."""
     def train(pipeline: Pipeline, request: RunRequest) -> pd.DataFrame:
+        spec = request.spec or pipeline.profile.ppo
+        KLController(spec.init_kl_coef, request.value, spec.adaptive_kl_horizon)  # fails before the world is built
         run = train_ppo(pipeline.world, target_kl=request.value, use_ground_truth=use_ground_truth,
                         reward_model_path=None if use_ground_truth else pipeline.reward_model, seed=request.seed,
                         overrides=request.spec, device=request.device, progress=request.progress)
@@ -225,7 +227,7 @@ def check_beta(beta: float | None) -> None:
 
 def check_target_kl(target_kl: float) -> None:
     """Raise ``ValueError`` unless the PPO target KL is a finite number > 0 (before any loading)."""
-    KLController(0.0, target_kl)
+    KLController(1.0, target_kl)
 
 
 register(Method("dpo", "Direct Preference Optimization (Eq. 7)", "DPO", "tab:red", "o", "beta",

@@ -39,14 +39,28 @@ def config_entry() -> dict[str, int]:
     return {"processes": launched} if launched > 1 else {}
 
 
+def _environment_count(name: str, default: int, low: int) -> int:
+    """The integer in the environment variable ``name`` (``default`` if unset); a value below ``low`` or not an
+    integer raises one line naming the variable."""
+    value = os.environ.get(name, str(default))
+    try:
+        number = int(value)
+    except ValueError:
+        number = None
+    if number is None or number < low:
+        raise ValueError(f"{name}={value!r}: expected an integer >= {low} (it is set by accelerate launch or "
+                         f"torchrun; unset it to run one process)")
+    return number
+
+
 def launched_processes() -> int:
     """How many processes ``accelerate launch`` (or torchrun) started; 1 for a plain ``python``."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return _environment_count("WORLD_SIZE", 1, 1)
 
 
 def process_rank() -> int:
     """This process's rank among :func:`launched_processes` (0 for a plain ``python``)."""
-    return int(os.environ.get("RANK", "0"))
+    return _environment_count("RANK", 0, 0)
 
 
 def is_main_process() -> bool:

@@ -78,7 +78,7 @@ def local_jobs(profile: Profile, entries: Sequence[Any], jobs: int, device: str 
     With the device ``cuda`` (chosen or the default) every worker owns one of the visible GPUs
     (``jobs`` must not exceed them); with any other device (``cpu``, ``cuda:1``, ``mps``) the jobs
     share it, and on the CPU every run gets :func:`job_threads` threads. A failing run stops the
-    sweep: runs not yet started are cancelled.
+    sweep: runs not yet started are cancelled, and the ones running finish first (said at once).
     """
     context = multiprocessing.get_context("spawn")
     initializer, initargs = None, ()
@@ -100,7 +100,13 @@ def local_jobs(profile: Profile, entries: Sequence[Any], jobs: int, device: str 
         try:
             for future in concurrent.futures.as_completed(futures):
                 yield futures[future], future.result()
-        except BaseException:
+        except BaseException as err:
+            running = sum(future.running() for future in futures)
+            if running:
+                storage.log.warning("the sweep stops (%s): the runs still queued are cancelled; waiting for the %d "
+                                    "already handed to the workers to finish (a finished run is kept for the "
+                                    "next sweep)",
+                                    str(err).splitlines()[0] if str(err) else type(err).__name__, running)
             pool.shutdown(cancel_futures=True)
             raise
 

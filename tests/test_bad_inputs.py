@@ -32,6 +32,7 @@ def one_error_line(capsys, command: str) -> str:
     (["train", "dpo", "--device", "meta"], "device 'meta' is not"),
     (["frontier", "--methods", ""], "no methods chosen"),
     (["train", "ppo", "--target-kl", "0"], "target_kl must be a finite number > 0"),
+    (["train", "ppo", "--target-kl", "3", "--init-kl-coef", "0"], "would stay 0"),
     (["train", "dpo", "--beta", "inf"], "beta"),
     (["prepare", "--policy", "./no-such-model"], "policy './no-such-model': no such file or folder"),
 ])

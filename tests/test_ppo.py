@@ -233,3 +233,9 @@ def test_ppo_logs_the_gold_score_of_its_rollouts(ci_world, gt_runs, one_thread):
     assert metrics["gold_score"].between(0.0, 1.0).all() and len(metrics) == 2
     assert not metrics["gold_score"].equals(metrics["score"])  # r_phi is not on the scale of p(positive)
     assert "gold_score" not in gt_runs[min(gt_runs)].metrics()  # PPO-GT's score already is r*
+
+
+def test_an_adaptive_controller_cannot_start_from_zero():
+    with pytest.raises(ValueError, match="would stay 0"):
+        KLController(0.0, target=4.0)
+    assert KLController(0.0).value == 0.0  # a fixed coefficient of 0 is allowed: no KL penalty

@@ -250,7 +250,7 @@ def _fit(model, optimizer, loader, accelerator, val_pairs: Sequence[tuple], spec
             optimizer.zero_grad()
             step += 1
             running["loss"] += loss.item() * len(r_w)
-            running["correct"] += (r_w > r_l).sum().item()
+            running["correct"] += ordered_share(r_w, r_l).item() * len(r_w)  # a tie counts half, as in validation
             running["pairs"] += len(r_w)
             bar.update()
             if i in eval_points:
