@@ -133,10 +133,11 @@ class Run:
         return f"{EVALUATIONS} has no row for step(s) {missing}" if missing else None
 
     def evaluations_damage(self) -> str | None:
-        """Why ``evaluations.csv`` cannot be trusted (unreadable, cut short, a non-finite reward or KL), or None.
+        """Why ``evaluations.csv`` cannot be trusted (unreadable, cut short, a step, reward or KL that is not a
+        finite number), or None.
 
         The file is always rewritten whole and atomically, so any of these means it was damaged
-        after it was written.
+        after it was written. Only the standard errors (``*_se``) may be empty: one test prompt has none.
         """
         path = self.path / EVALUATIONS
         try:
@@ -144,11 +145,12 @@ class Run:
             table = self.evaluations()
         except (OSError, ValueError, UnicodeDecodeError) as err:
             return f"{EVALUATIONS} is unreadable ({err})"
-        if (text and not text.endswith("\n")) or table.isna().to_numpy().any():
+        always_filled = [column for column in table.columns if not column.endswith("_se")]
+        if (text and not text.endswith("\n")) or table[always_filled].isna().to_numpy().any():
             return f"{EVALUATIONS} is cut short (a row lacks some of its values)"
-        measured = [column for column in ("reward", "kl") if column in table.columns]
-        if not np.isfinite(table[measured].to_numpy(float)).all():
-            return f"{EVALUATIONS} has a non-finite reward or KL"
+        measured = table[[column for column in ("step", "reward", "kl") if column in table.columns]]
+        if not np.isfinite(measured.apply(pd.to_numeric, errors="coerce").to_numpy(float)).all():
+            return f"{EVALUATIONS} has a step, reward or KL that is not a finite number"
         return None
 
     def resume_point(self) -> tuple[Path, dict[str, Any]] | None:
@@ -168,12 +170,18 @@ class Run:
 
     @contextlib.contextmanager
     def exclusive(self):
-        """Hold this run folder's lock for the block (main process): a second process that trains the same
-        configuration at once waits, then finds the run finished (:func:`dpo_lab.storage.exclusive`)."""
+        """Hold this run folder's lock for the block: a second process that trains the same configuration at
+        once waits, then finds the run finished (:func:`dpo_lab.storage.exclusive`).
+
+        Under several processes the main one takes the lock and the others wait for it at a barrier,
+        so that all of them then read the folder in the same state.
+        """
         if not processes.is_main_process():
+            processes.wait_for_everyone()
             yield
             return
         with storage.exclusive(self.path):
+            processes.wait_for_everyone()
             yield
 
     def raise_if_failed(self) -> None:

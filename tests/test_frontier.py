@@ -217,8 +217,11 @@ def test_two_sweeps_of_different_methods_at_once_keep_each_others_rows(tmp_path)
         "dpo": [0.1, 0.3], "unlikelihood": [0.5]}
 
 
-def test_a_damaged_results_table_stops_the_sweep_before_it_starts(tmp_path):
+@pytest.mark.parametrize("cut, problem", [(lambda text: "", "is unreadable"),
+                                          (lambda text: text[:-4], "is cut short")])
+def test_a_damaged_results_table_stops_the_sweep_before_it_starts(tmp_path, cut, problem):
     path = tmp_path / "frontier.csv"
-    path.write_text("")
-    with pytest.raises(ValueError, match=r"frontier.csv is unreadable .*delete it"):
+    frontier.write_results(_rows("dpo", 0.1), path)
+    path.write_text(cut(path.read_text()))
+    with pytest.raises(ValueError, match=rf"frontier.csv {problem}.*delete it"):
         frontier.ResultsTable(path, ["dpo"])

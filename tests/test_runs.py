@@ -139,7 +139,8 @@ def _finished_run(tmp_path, monkeypatch):
 @pytest.mark.parametrize("damage, problem", [
     (lambda text: "", "is unreadable"),
     (lambda text: text[:-3], "cut short"),
-    (lambda text: text.replace("0.5", "inf"), "non-finite reward"),
+    (lambda text: text.replace("0.5", "inf"), "not a finite number"),
+    (lambda text: text.replace("0.5", "0.u", 1), "not a finite number"),  # a flipped byte
 ])
 def test_a_damaged_evaluations_file_is_moved_aside_and_the_run_trained_again(tmp_path, monkeypatch, caplog,
                                                                              damage, problem):
@@ -153,6 +154,16 @@ def test_a_damaged_evaluations_file_is_moved_aside_and_the_run_trained_again(tmp
     assert not path.exists() and (run.path / "evaluations.csv.damaged").exists()
     run.add_evaluation({"step": 0, "reward": 0.5})  # training again records its rows as usual
     assert run.evaluations()["step"].tolist() == [0]
+
+
+def test_a_run_evaluated_on_one_prompt_has_no_standard_errors_and_is_still_finished(tmp_path, monkeypatch):
+    monkeypatch.setenv("DPO_LAB_HOME", str(tmp_path))
+    model, tokenizer = _tiny_model_and_tokenizer()
+    run = Run("ci", "dpo", "beta0.1", {"beta": 0.1})
+    for step in (0, 5):
+        run.add_evaluation({"step": step, "reward": 0.5, "reward_se": float("nan"), "kl": 1.0, "kl_se": float("nan")})
+    run.finish(model, tokenizer)
+    assert run.evaluations_damage() is None and run.finished
 
 
 def test_an_unreadable_evaluations_file_is_named_when_read(tmp_path, monkeypatch):
