@@ -11,6 +11,7 @@ Worked solutions live in ``notebooks/solutions/``, not here.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -43,18 +44,21 @@ def run_checks(name: str, candidate: Callable, reference: Callable, cases: Seque
                same: Callable[[object, object], bool] = _same) -> bool:
     """Call ``candidate(*case)`` and ``reference(*case)`` on every case; print one verdict line and return it.
 
-    ``same(expected, got)`` decides agreement (default: same shape, values equal to ``TOLERANCE``).
+    The reference answers first, and each function gets its own copy of the case, so a learner's
+    function that writes into its inputs (``adv = rewards; adv[t] = ...``) can neither change the
+    expected answer nor the next case. ``same(expected, got)`` decides agreement (default: same
+    shape, values equal to ``TOLERANCE``).
     """
     for number, case in enumerate(cases, start=1):
+        expected = reference(*copy.deepcopy(case))
         try:
-            got = candidate(*case)
+            got = candidate(*copy.deepcopy(case))
         except NotImplementedError:
             print(f"{name}: {NOT_WRITTEN}")
             return False
         except Exception as error:  # the learner's code: report any failure as a hint, never crash
             print(f"✗ {name}: case {number} raised {type(error).__name__}: {error}\n  hint: {hint}")
             return False
-        expected = reference(*case)
         if not same(expected, got):
             shown = ", ".join(_short(arg) for arg in case)
             print(f"✗ {name}: case {number} ({shown})\n  expected {_short(expected)}\n  got      {_short(got)}"

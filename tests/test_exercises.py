@@ -131,3 +131,19 @@ def test_checker_rejects_a_plausible_mistake_with_a_hint(checker, capsys):
 def test_a_crashing_answer_is_reported_not_raised(capsys):
     assert exercises.check_gae(lambda *args: 1 / 0) is False
     assert "ZeroDivisionError" in capsys.readouterr().out
+
+
+def test_an_answer_that_writes_into_its_inputs_is_judged_on_what_it_returns(capsys):
+    right = _solution("check_gae")
+
+    def right_but_in_place(rewards, values, gamma, lam):
+        rewards.copy_(right(rewards.clone(), values, gamma, lam))  # a correct answer that reuses its input
+        return rewards
+
+    def zeroes_its_reference(logprobs, ref_logprobs):
+        ref_logprobs.copy_(logprobs)  # would make the expected k3 zero if the checker reused the case
+        return torch.zeros_like(logprobs)
+
+    assert exercises.check_gae(right_but_in_place) is True
+    assert exercises.check_k3_kl(zeroes_its_reference) is False
+    assert capsys.readouterr().out.count("✗") == 1
