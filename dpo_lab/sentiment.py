@@ -211,9 +211,15 @@ def load_scorer(name_or_path: str | os.PathLike, device: torch.device | str | No
 
 def score_ids(scorer: Scorer, tokenizer, prompts: Sequence[Sequence[int]],
               completions: Sequence[Sequence[int]]) -> torch.Tensor:
-    """Score prompt + completion token ids: decoded together without special tokens, shape (N,)."""
+    """Score prompt + completion token ids: decoded together without special tokens, shape (N,).
+
+    A NaN or infinite score raises :class:`NonFiniteScoreError` naming the text, so no evaluation,
+    table or statistic is ever computed from one.
+    """
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
     texts = tokenizer.batch_decode([list(p) + list(c) for p, c in zip(prompts, completions)],
                                    skip_special_tokens=True)
-    return scorer.score(texts)
+    scores = scorer.score(texts)
+    check_finite_scores(scores, lambda i: f"the text {texts[i][:120]!r}", f"the scorer {type(scorer).__name__}")
+    return scores

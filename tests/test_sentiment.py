@@ -113,3 +113,15 @@ def test_score_ids_decodes_prompt_and_completion(ci_world):
     texts = [tokenizer.decode(p + c, skip_special_tokens=True) for p, c in zip(prompts, completions)]
     assert all("<|endoftext|>" not in t for t in texts)
     torch.testing.assert_close(sentiment.score_ids(scorer, tokenizer, prompts, completions), scorer.score(texts))
+
+
+def test_a_nan_score_stops_an_evaluation_naming_the_text(ci_world):
+    from dpo_lab.evaluate import evaluate_policy
+
+    class BrokenScorer(sentiment.Scorer):
+        def score(self, texts):
+            return torch.tensor([0.5] * (len(texts) - 1) + [float("nan")])
+
+    model, tokenizer = ci_world.load_policy("cpu")
+    with pytest.raises(sentiment.NonFiniteScoreError, match=r"the scorer BrokenScorer: score nan for the text"):
+        evaluate_policy(model, model, tokenizer, BrokenScorer(), ci_world.test_prompts[:4], max_new_tokens=4, seed=0)
