@@ -26,6 +26,7 @@ sample: the build stops with :class:`PreferenceDataError` naming the prompt and 
 
 from __future__ import annotations
 
+import numbers
 import os
 import time
 from collections.abc import Hashable, Sequence
@@ -208,8 +209,10 @@ def validate_preferences(dataset: datasets.Dataset, source: str = "preference da
     """Raise :class:`PreferenceDataError` naming ``source``, the column and the first bad row.
 
     Checks, before any training starts: the :data:`REQUIRED_COLUMNS` exist; the dataset has rows;
-    no prompt or completion is blank (text or ids); chosen and rejected differ (text and ids); and,
-    where the score columns exist, every score is finite and chosen never scores below rejected.
+    no completion is blank (text or ids) and no prompt lacks ids (a prompt's *text* may decode
+    blank: on ``tiny`` 84 of 12,000 prompts are words outside the vocabulary, ``<|unk|>``); no
+    token id is negative; chosen and rejected differ (text and ids); and, where the score columns
+    exist, every score is a finite number and chosen never scores below rejected.
     """
     missing = [name for name in REQUIRED_COLUMNS if name not in dataset.column_names]
     if missing:
@@ -231,15 +234,18 @@ def validate_preferences(dataset: datasets.Dataset, source: str = "preference da
         for row, ids in enumerate(columns[column]):
             if not ids:
                 fail(column, row, "no token ids")
+            if min(ids) < 0:
+                fail(column, row, f"a negative token id ({min(ids)})")
     for chosen_column, rejected_column in (("chosen", "rejected"), ("chosen_ids", "rejected_ids")):
         for row, (chosen, rejected) in enumerate(zip(columns[chosen_column], columns[rejected_column])):
             if list(chosen) == list(rejected):
                 fail(rejected_column, row, f"{chosen_column} and {rejected_column} are the same completion")
     if all(name in columns for name in SCORE_COLUMNS):
         for row, (chosen, rejected) in enumerate(zip(columns["score_chosen"], columns["score_rejected"])):
-            if not (np.isfinite(chosen) and np.isfinite(rejected)):
-                fail("score_chosen" if not np.isfinite(chosen) else "score_rejected", row,
-                     f"non-finite score ({chosen}, {rejected})")
+            chosen_ok, rejected_ok = (isinstance(s, numbers.Real) and np.isfinite(s) for s in (chosen, rejected))
+            if not (chosen_ok and rejected_ok):
+                fail("score_chosen" if not chosen_ok else "score_rejected", row,
+                     f"a score that is not a finite number ({chosen}, {rejected})")
             if chosen < rejected:
                 fail("score_chosen", row, f"chosen scores below rejected ({chosen} < {rejected})")
 

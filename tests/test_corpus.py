@@ -96,6 +96,7 @@ def _write_corpus(folder, train: pd.DataFrame) -> None:
     (pd.DataFrame({"text": pd.Series([], dtype=str), "label": pd.Series([], dtype=int)}), "no rows"),
     (pd.DataFrame({"text": ["good", "great"], "label": [1, 1]}), "every label is 1"),
     (pd.DataFrame({"text": [5, 7], "label": [1, 0]}), r"column 'text', row 0: 5 \(int64\), not a string"),
+    (pd.DataFrame({"text": [["a", "list"], ["b"]], "label": [1, 0]}), r"column 'text', row 0: .*not a string"),
 ])
 def test_bad_local_corpus_names_file_column_and_row(tmp_path, train, expected):
     _write_corpus(tmp_path, train)

@@ -166,5 +166,10 @@ def test_validate_preferences_names_column_and_row():
         validate_preferences(toy_dataset(rejected={2: " is fun"}), source="toy")
     with pytest.raises(PreferenceDataError, match=r"column 'score_chosen', row 0: chosen scores below rejected"):
         validate_preferences(toy_dataset(score_chosen={0: 0.05}))
+    with pytest.raises(PreferenceDataError, match=r"column 'score_rejected', row 1: a score that is not a finite"):
+        validate_preferences(toy_dataset(score_rejected={1: None}))
+    with pytest.raises(PreferenceDataError, match=r"column 'prompt_ids', row 0: a negative token id \(-5\)"):
+        validate_preferences(toy_dataset(prompt_ids={0: [-5]}))
+    validate_preferences(toy_dataset(prompt={2: ""}))  # a prompt of out-of-vocabulary words decodes blank: allowed
     with pytest.raises(PreferenceDataError, match="not a preference dataset folder"):
         load_preferences(storage.home())
