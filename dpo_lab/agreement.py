@@ -99,7 +99,7 @@ def reward_model_agreement(world, reward_model_path, k: int = 4, seed: int = 7) 
 
     profile = world.profile
     config = {"reward": storage.cache_name(reward_model_path), "policy": storage.cache_name(world.sft_dir),
-              "ground_truth": storage.cache_name(world.ground_truth), "k": k, "seed": seed,
+              "ground_truth": world.ground_truth_key, "k": k, "seed": seed,
               "sampling": profile.sampling, "prompts": storage.fingerprint(world.test_prompts)}
 
     def build(folder) -> None:

@@ -170,7 +170,7 @@ def best_of_n(world, reward_model_path: str | Path | None = None, ns: Sequence[i
     model_path = Path(reward_model_path) if scorer == "reward-model" else None
     device = runtime.pick_device(device)
     samples_config = {"policy": storage.cache_name(world.sft_dir),
-                      "ground_truth": storage.cache_name(world.ground_truth),
+                      "ground_truth": world.ground_truth_key,
                       "selector": storage.cache_name(model_path) if model_path else "ground-truth",
                       "n_max": ns[-1], "sampling": profile.sampling, "evaluation": profile.evaluation,
                       "prompts": storage.fingerprint(world.test_prompts)}

@@ -63,8 +63,13 @@ def read_cache(path) -> dict[str, float]:
 
 
 def judge_texts(profile_name: str, texts: list[str], judge: str, batch_size: int, progress: bool) -> dict[str, float]:
-    """The log-perplexity of each text by its :func:`text_key`, from the cache or judged now (then cached)."""
-    path = storage.profile_dir(profile_name) / f"fluency-{re.sub(r'[^A-Za-z0-9._-]+', '_', judge)}.json"
+    """The log-perplexity of each text by its :func:`text_key`, from the cache or judged now (then cached).
+
+    The cache file is named by the judge's :func:`dpo_lab.storage.cache_name`: a local judge folder's
+    name carries its content hash, so an edited or retrained judge never reuses the old verdicts.
+    """
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", storage.cache_name(judge))
+    path = storage.profile_dir(profile_name) / f"fluency-{name}.json"
     cache = read_cache(path)
     missing = list(dict.fromkeys(t for t in texts if text_key(t) not in cache))
     if missing:

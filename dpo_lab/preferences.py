@@ -130,7 +130,7 @@ def preference_config(world) -> dict:
     """The cache key of the preference data: its spec, the sampling spec, pi_SFT, the ground truth, the prompts."""
     profile = world.profile
     return {"preferences": profile.preferences, "sampling": profile.sampling, "sft": storage.cache_name(world.sft_dir),
-            "ground_truth": storage.cache_name(world.ground_truth),
+            "ground_truth": world.ground_truth_key,
             "prompts": storage.fingerprint(world.train_prompts[:profile.preferences.n_prompts])}
 
 

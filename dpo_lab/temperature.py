@@ -111,13 +111,14 @@ def temperature_experiment(pipeline: Pipeline, table: pd.DataFrame, methods: Seq
     sweep = pipeline.profile.sweep
     budget = max(sweep.kl_budgets) if kl_budget is None else kl_budget
     best = [best_run(table, method, budget) for method in methods]  # fails before any sampling
+    folders = [policy_folder(pipeline, row, progress) for row in best]  # so does a run whose configuration changed
     device = runtime.pick_device(pipeline.device)
     scorer = pipeline.world.load_scorer(device)
     sft, tokenizer = pipeline.world.load_policy(device)
     baseline, _ = sample_scores(pipeline, sft, tokenizer, scorer, 1.0)
     rows = []
-    for row in [None, *best]:
-        model = sft if row is None else lm.load_causal_lm(policy_folder(pipeline, row, progress), device)[0]
+    for row, folder in [(None, None), *zip(best, folders)]:
+        model = sft if row is None else lm.load_causal_lm(folder, device)[0]
         for temperature in tqdm(sweep.temperatures, desc=policy_columns(row)["policy"], disable=not progress):
             scores, length = sample_scores(pipeline, model, tokenizer, scorer, temperature)
             reward, reward_se = mean_and_se(scores)

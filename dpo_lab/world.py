@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from dpo_lab import corpus, lm, runtime, sentiment, storage
-from dpo_lab.profiles import Profile
+from dpo_lab.profiles import GroundTruthSpec, Profile
 from dpo_lab.train import sft
 
 SFT_SAMPLES = 10
@@ -65,9 +65,21 @@ class World:
         """``(model, tokenizer)`` of pi_SFT, in eval mode, on ``device`` (default: the best available)."""
         return lm.load_causal_lm(self.sft_dir, runtime.pick_device(device))
 
+    @property
+    def ground_truth_key(self) -> str:
+        """The ground truth's identity in cache keys: :func:`dpo_lab.storage.cache_name` of it, plus, for a hub
+        classifier, the settings that change its scores (the positive label and the truncation length)."""
+        return ground_truth_key(self.ground_truth, self.profile.ground_truth)
+
     def load_scorer(self, device: torch.device | str | None = None) -> sentiment.Scorer:
         """The ground-truth :class:`~dpo_lab.sentiment.Scorer` on ``device`` (default: the best available)."""
         return sentiment.load_scorer(self.ground_truth, runtime.pick_device(device), self.profile.ground_truth)
+
+
+def ground_truth_key(name_or_path: str, truth: GroundTruthSpec) -> str:
+    """See :attr:`World.ground_truth_key` (a classifier trained on the labels: its cache folder says it all)."""
+    key = storage.cache_name(name_or_path)
+    return f"{key} (positive_label={truth.positive_label}, max_length={truth.max_length})" if truth.model else key
 
 
 def _score_spread(world: World, folder: Path, device: torch.device) -> None:
@@ -171,7 +183,7 @@ class WorldBuilder:
         truth = self.profile.ground_truth
         if truth.model:
             sentiment.hub_positive_index(truth.model, truth.positive_label)
-            return truth.model, storage.cache_name(truth.model)
+            return truth.model, ground_truth_key(truth.model, truth)
 
         def write(folder: Path) -> None:
             train, test = self.reviews["train"], self.reviews["test"]

@@ -125,3 +125,14 @@ def test_a_nan_score_stops_an_evaluation_naming_the_text(ci_world):
     model, tokenizer = ci_world.load_policy("cpu")
     with pytest.raises(sentiment.NonFiniteScoreError, match=r"the scorer BrokenScorer: score nan for the text"):
         evaluate_policy(model, model, tokenizer, BrokenScorer(), ci_world.test_prompts[:4], max_new_tokens=4, seed=0)
+
+
+def test_a_hub_ground_truths_settings_are_part_of_every_cache_key():
+    from dpo_lab.world import ground_truth_key
+
+    hub = GroundTruthSpec(model="some/classifier")
+    keys = {ground_truth_key("some/classifier", spec) for spec in (
+        hub, dataclasses.replace(hub, positive_label="NEGATIVE"), dataclasses.replace(hub, max_length=16))}
+    assert len(keys) == 3
+    trained = GroundTruthSpec()  # a classifier trained on the labels: its folder name already holds its settings
+    assert ground_truth_key("tiny/ground_truth-ac49ce3e1a/classifier", trained) == "tiny/ground_truth-ac49ce3e1a/classifier"

@@ -403,7 +403,7 @@ def offline_run(world, pairs_path: str | Path, objective: Objective, spec: Offli
     """The :class:`~dpo_lab.runs.Run` folder of one offline configuration."""
     return training_run(world, objective.name, objective.hyperparameter(spec.seed), spec.seed, **objective.settings(),
                         offline=spec, reference=reference, pairs=storage.cache_name(pairs_path),
-                        ground_truth=storage.cache_name(world.ground_truth),
+                        ground_truth=world.ground_truth_key,
                         prompts=storage.fingerprint(world.test_prompts))
 
 

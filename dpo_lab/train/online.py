@@ -249,7 +249,7 @@ def online_run(world, method: str, beta: float, use_ground_truth: bool, reward_m
     """The :class:`~dpo_lab.runs.Run` folder of one online configuration."""
     name = f"{method}-gt" if use_ground_truth else method
     return training_run(world, name, ("beta", beta), seed, beta=beta, online=spec,
-                        reward=storage.cache_name(world.ground_truth if use_ground_truth else reward_model_path),
+                        reward=world.ground_truth_key if use_ground_truth else storage.cache_name(reward_model_path),
                         prompts=storage.fingerprint([world.train_prompts, world.test_prompts]))
 
 

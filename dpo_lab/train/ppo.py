@@ -458,7 +458,7 @@ def ppo_run(world, *, target_kl: float | None, use_ground_truth: bool, reward_mo
     method = "ppo-gt" if use_ground_truth else "ppo"
     name, value = ("kl_coef", spec.init_kl_coef) if target_kl is None else ("target_kl", target_kl)
     return training_run(world, method, (name, value), seed, hyperparameter_name=name, hyperparameter=value, ppo=spec,
-                        reward=storage.cache_name(world.ground_truth if use_ground_truth else reward_model_path),
+                        reward=world.ground_truth_key if use_ground_truth else storage.cache_name(reward_model_path),
                         prompts=storage.fingerprint([world.train_prompts, world.test_prompts]))
 
 
