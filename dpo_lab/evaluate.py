@@ -24,7 +24,7 @@ from transformers import PreTrainedModel
 
 from dpo_lab.kl import token_kl_and_logps
 from dpo_lab.lm import completion_batch, labelled_logits, sample_completions
-from dpo_lab.sentiment import Scorer, score_ids
+from dpo_lab.sentiment import Scorer, finite_score_ids
 
 
 @dataclass
@@ -94,7 +94,7 @@ def evaluate_policy(policy: PreTrainedModel, reference: PreTrainedModel, tokeniz
     completions = sample_completions(policy, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id,
                                      pad_id=pad_id, batch_size=batch_size, seed=seed, progress=progress,
                                      desc="evaluating")
-    scores = score_ids(scorer, tokenizer, prompts, completions)
+    scores = finite_score_ids(scorer, tokenizer, prompts, completions)
     exact, sample = kl_to_reference(policy, reference, prompts, completions, pad_id)
     policy.train(was_training)
     reward, reward_se = mean_and_se(scores)

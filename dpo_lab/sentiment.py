@@ -213,13 +213,21 @@ def score_ids(scorer: Scorer, tokenizer, prompts: Sequence[Sequence[int]],
               completions: Sequence[Sequence[int]]) -> torch.Tensor:
     """Score prompt + completion token ids: decoded together without special tokens, shape (N,).
 
-    A NaN or infinite score raises :class:`NonFiniteScoreError` naming the text, so no evaluation,
-    table or statistic is ever computed from one.
+    The scores are returned as they are; :func:`finite_score_ids` also refuses a NaN or infinite one.
     """
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
     texts = tokenizer.batch_decode([list(p) + list(c) for p, c in zip(prompts, completions)],
                                    skip_special_tokens=True)
-    scores = scorer.score(texts)
-    check_finite_scores(scores, lambda i: f"the text {texts[i][:120]!r}", f"the scorer {type(scorer).__name__}")
+    return scorer.score(texts)
+
+
+def finite_score_ids(scorer: Scorer, tokenizer, prompts: Sequence[Sequence[int]],
+                     completions: Sequence[Sequence[int]]) -> torch.Tensor:
+    """:func:`score_ids`, raising :class:`NonFiniteScoreError` at a NaN or infinite score, naming its prompt and
+    completion: no evaluation, table or statistic is ever computed from one. (PPO and the online methods
+    check their rollouts' scores themselves, agreeing across processes first.)"""
+    scores = score_ids(scorer, tokenizer, prompts, completions)
+    check_finite_scores(scores, lambda i: f"prompt {tokenizer.decode(prompts[i])!r} with completion "
+                                          f"{tokenizer.decode(completions[i])!r}", f"the scorer {type(scorer).__name__}")
     return scores

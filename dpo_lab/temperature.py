@@ -88,7 +88,7 @@ def sample_scores(pipeline: Pipeline, model, tokenizer, scorer, temperature: flo
                                         eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
                                         batch_size=profile.evaluation.batch_size, seed=profile.evaluation.seed,
                                         temperature=temperature)
-    scores = sentiment.score_ids(scorer, tokenizer, world.test_prompts, completions)
+    scores = sentiment.finite_score_ids(scorer, tokenizer, world.test_prompts, completions)
     return scores, sum(map(len, completions)) / len(completions)
 
 

@@ -91,7 +91,7 @@ def _score_spread(world: World, folder: Path, device: torch.device) -> None:
     completions = lm.sample_completions(model, repeated, max_new_tokens=sampling.max_new_tokens,
                                         eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
                                         batch_size=sampling.batch_size, seed=SPREAD_SEED)
-    scores = sentiment.score_ids(world.load_scorer(device), tokenizer, repeated, completions)
+    scores = sentiment.finite_score_ids(world.load_scorer(device), tokenizer, repeated, completions)
     per_prompt = scores.view(len(prompts), SPREAD_SAMPLES_PER_PROMPT)
     storage.write_json(folder / "metrics.json", {
         "prompts": len(prompts), "samples_per_prompt": SPREAD_SAMPLES_PER_PROMPT,

@@ -123,7 +123,7 @@ def test_a_nan_score_stops_an_evaluation_naming_the_text(ci_world):
             return torch.tensor([0.5] * (len(texts) - 1) + [float("nan")])
 
     model, tokenizer = ci_world.load_policy("cpu")
-    with pytest.raises(sentiment.NonFiniteScoreError, match=r"the scorer BrokenScorer: score nan for the text"):
+    with pytest.raises(sentiment.NonFiniteScoreError, match=r"the scorer BrokenScorer: score nan for prompt .* with completion"):
         evaluate_policy(model, model, tokenizer, BrokenScorer(), ci_world.test_prompts[:4], max_new_tokens=4, seed=0)
 
 
