@@ -26,7 +26,7 @@ from scipy.stats import rankdata, spearmanr
 from torch import Tensor
 
 from dpo_lab import lm, storage
-from dpo_lab.sentiment import score_ids
+from dpo_lab.sentiment import finite_score_ids
 
 RewardFn = Callable[[Sequence[Sequence[int]], Sequence[Sequence[int]]], Tensor]
 """``reward(prompts, completions) -> (N,)``: a reward of token-id prompts and completions."""
@@ -85,7 +85,7 @@ def sample_and_score(world, rewards: dict[str, RewardFn], k: int = 4, seed: int 
     completions = lm.sample_completions(policy, prompts, max_new_tokens=world.profile.sampling.max_new_tokens,
                                         eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
                                         batch_size=world.profile.sampling.batch_size, seed=seed)
-    scores = {"gold": score_ids(world.load_scorer(), tokenizer, prompts, completions).float()}
+    scores = {"gold": finite_score_ids(world.load_scorer(), tokenizer, prompts, completions).float()}
     for name, reward in rewards.items():
         scores[name] = torch.cat([reward(prompts[s:s + batch_size], completions[s:s + batch_size])
                                   for s in range(0, len(prompts), batch_size)]).float()

@@ -205,7 +205,7 @@ def heldout_correlation(world, model: RewardModel, device: torch.device) -> dict
     completions = lm.sample_completions(policy, world.test_prompts, max_new_tokens=sampling.max_new_tokens,
                                         eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
                                         batch_size=sampling.batch_size, seed=HELDOUT_SEED)
-    truth = sentiment.score_ids(world.load_scorer(device), tokenizer, world.test_prompts, completions)
+    truth = sentiment.finite_score_ids(world.load_scorer(device), tokenizer, world.test_prompts, completions)
     rewards = model.score(world.test_prompts, completions)
     return {"heldout_spearman": float(spearmanr(truth.numpy(), rewards.numpy()).statistic),
             "heldout_samples": len(completions), "heldout_reward_mean": rewards.mean().item()}
