@@ -7,8 +7,9 @@ and returns one row per checkpoint: ``fluency`` (the judge's perplexity of its s
 mean over them), ``fluency_se`` (its standard error) and ``fluency_n`` (the samples judged). A
 checkpoint whose run kept no samples (trained before samples were kept, or Best-of-N) gets NaN.
 
-The per-text log-perplexities are cached in ``<DPO_LAB_HOME>/<profile>/fluency-<judge>.json``,
-keyed by the text's sha256, so a second pass, or one after a few more runs, judges only new text.
+The per-text log-perplexities are cached in ``<DPO_LAB_HOME>/<profile>/fluency-<judge>.json``
+(``<judge>``: the judge's :func:`dpo_lab.storage.cache_name`, made safe for a file name), keyed by
+the text's sha256, so a second pass, or one after a few more runs, judges only new text.
 A cache that cannot be read is reported and rebuilt, never half-used.
 """
 
@@ -65,8 +66,9 @@ def read_cache(path) -> dict[str, float]:
 def judge_texts(profile_name: str, texts: list[str], judge: str, batch_size: int, progress: bool) -> dict[str, float]:
     """The log-perplexity of each text by its :func:`text_key`, from the cache or judged now (then cached).
 
-    The cache file is named by the judge's :func:`dpo_lab.storage.cache_name`: a local judge folder's
-    name carries its content hash, so an edited or retrained judge never reuses the old verdicts.
+    The cache file is named by the judge's :func:`dpo_lab.storage.cache_name`: a judge folder outside the
+    cache is named with its content hash, so an edited judge never reuses the old verdicts (one inside
+    the cache is a fingerprinted artifact folder already).
     """
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", storage.cache_name(judge))
     path = storage.profile_dir(profile_name) / f"fluency-{name}.json"

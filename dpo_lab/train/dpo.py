@@ -315,7 +315,8 @@ def make_optimizer(params, spec: OfflineTrainSpec) -> torch.optim.Optimizer:
     return torch.optim.RMSprop(params, lr=spec.lr)
 
 
-NON_FINITE_CAUSES = "a learning rate too high for the model (--lr), or an extreme --beta or --alpha"
+NON_FINITE_CAUSES = ("a learning rate too high for the model (--lr), an extreme --beta or --alpha, or (at an "
+                     "evaluation) a ground-truth scorer that returns NaN")
 
 
 def check_processes(spec: OfflineTrainSpec, num_processes: int) -> None:
