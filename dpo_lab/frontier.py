@@ -119,11 +119,11 @@ def read_results(path: Path) -> pd.DataFrame:
         return pd.DataFrame(columns=COLUMNS)
     try:
         table = pd.read_csv(path)
+        problem = None if "method" in table.columns else "has no 'method' column"
     except (ValueError, UnicodeDecodeError) as err:
         table, problem = None, f"is unreadable ({err})"
-    else:
-        problem = None if "method" in table.columns else "has no 'method' column"
-        problem = problem or (None if path.read_bytes().endswith(b"\n") else "is cut short (its last line is incomplete)")
+    if problem is None and storage.ends_mid_line(path):
+        problem = "is cut short (its last line is incomplete)"
     if problem:
         raise ValueError(f"the results table {path} {problem}: restore it (`git checkout -- {path}` for a committed "
                          "table) or delete it, and the sweep writes it again from its finished runs")

@@ -108,8 +108,9 @@ class Run:
         """
         if not storage.is_done(self.path):
             return False
-        final_problem = storage.manifest_problem(self.path / FINAL_DIR)
-        problem = self.evaluations_problem() or (final_problem and f"its final model: {final_problem}")
+        problem = self.evaluations_problem()
+        if problem is None and (final_problem := storage.manifest_problem(self.path / FINAL_DIR)):
+            problem = f"its final model: {final_problem}"
         if problem is None:
             return True
         storage.log.warning("%s: %s; training the run again so that no result is lost", self.path, problem)
@@ -122,36 +123,34 @@ class Run:
         """What is wrong with a finished run's ``evaluations.csv`` (missing, damaged, short of steps), or None."""
         if not (self.path / EVALUATIONS).exists():
             return f"{EVALUATIONS} is missing"
-        damage = self.evaluations_damage()
+        table, damage = self.sound_evaluations()
         if damage is not None:
             return damage
         try:
             expected = set(json.loads((self.path / storage.DONE_MARKER).read_text())["steps"])
         except (ValueError, KeyError, TypeError):
             expected = {0}  # a marker written before the steps were recorded
-        missing = sorted(expected - self.evaluated_steps())
+        missing = sorted(expected - set(table["step"]))
         return f"{EVALUATIONS} has no row for step(s) {missing}" if missing else None
 
-    def evaluations_damage(self) -> str | None:
-        """Why ``evaluations.csv`` cannot be trusted (unreadable, cut short, a step, reward or KL that is not a
-        finite number), or None.
+    def sound_evaluations(self) -> tuple[pd.DataFrame | None, str | None]:
+        """``(rows, None)`` when ``evaluations.csv`` is missing (no rows) or sound, else ``(None, why it cannot be
+        trusted)``: unreadable, cut short, or a step, reward or KL that is not a finite number.
 
         The file is always rewritten whole and atomically, so any of these means it was damaged
         after it was written. Only the standard errors (``*_se``) may be empty: one test prompt has none.
         """
-        path = self.path / EVALUATIONS
         try:
-            text = path.read_text()
             table = self.evaluations()
-        except (OSError, ValueError, UnicodeDecodeError) as err:
-            return f"{EVALUATIONS} is unreadable ({err})"
+        except (OSError, ValueError) as err:
+            return None, f"{EVALUATIONS} is unreadable ({err})"
         always_filled = [column for column in table.columns if not column.endswith("_se")]
-        if (text and not text.endswith("\n")) or table[always_filled].isna().to_numpy().any():
-            return f"{EVALUATIONS} is cut short (a row lacks some of its values)"
+        if storage.ends_mid_line(self.path / EVALUATIONS) or table[always_filled].isna().to_numpy().any():
+            return None, f"{EVALUATIONS} is cut short (a row lacks some of its values)"
         measured = table[[column for column in ("step", "reward", "kl") if column in table.columns]]
         if not np.isfinite(measured.apply(pd.to_numeric, errors="coerce").to_numpy(float)).all():
-            return f"{EVALUATIONS} has a step, reward or KL that is not a finite number"
-        return None
+            return None, f"{EVALUATIONS} has a step, reward or KL that is not a finite number"
+        return table, None
 
     def resume_point(self) -> tuple[Path, dict[str, Any]] | None:
         """Where training (re)starts: the newest sound checkpoint (:meth:`latest_checkpoint`), or None for step 0.
@@ -161,7 +160,7 @@ class Run:
         that training starts again from a clean slate and re-creates its rows.
         """
         self.raise_if_failed()
-        damage = self.evaluations_damage() if (self.path / EVALUATIONS).exists() else None
+        _, damage = self.sound_evaluations()
         if damage is not None and processes.is_main_process():
             aside = self.path / (EVALUATIONS + ".damaged")
             os.replace(self.path / EVALUATIONS, aside)
@@ -215,7 +214,7 @@ class Run:
         if not processes.is_main_process():
             return
         path = self.path / "metrics.jsonl"
-        start = "\n" if ends_mid_line(path) else ""
+        start = "\n" if storage.ends_mid_line(path) else ""
         with open(path, "a") as fh:
             fh.write(start + json.dumps({"step": step, **metrics}) + "\n")
 
@@ -258,9 +257,8 @@ class Run:
 
     def evaluated_steps(self) -> set[int]:
         """The steps ``evaluations.csv`` has sound rows for (none if it is missing or damaged)."""
-        if not (self.path / EVALUATIONS).exists() or self.evaluations_damage() is not None:
-            return set()
-        return set(self.evaluations()["step"])
+        table, _ = self.sound_evaluations()
+        return set() if table is None else set(table["step"])
 
     def evaluations(self) -> pd.DataFrame:
         """The evaluation rows recorded so far (empty if none); an unreadable file raises a ``ValueError`` naming it."""
@@ -317,15 +315,6 @@ class Run:
                 shutil.rmtree(self.path / name, ignore_errors=True)
         processes.wait_for_everyone()
         return final
-
-
-def ends_mid_line(path: Path) -> bool:
-    """Whether the file at ``path`` ends without a newline (a kill cut its last line short)."""
-    if not path.exists() or path.stat().st_size == 0:
-        return False
-    with open(path, "rb") as fh:
-        fh.seek(-1, os.SEEK_END)
-        return fh.read(1) != b"\n"
 
 
 def run_config(world, method: str, seed: int, **entries: Any) -> dict[str, Any]:

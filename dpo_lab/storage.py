@@ -280,6 +280,15 @@ def manifest_problem(folder: Path) -> str | None:
     return None
 
 
+def ends_mid_line(path: Path) -> bool:
+    """Whether the file at ``path`` ends without a newline (a kill, or damage, cut its last line short)."""
+    if not path.exists() or path.stat().st_size == 0:
+        return False
+    with open(path, "rb") as fh:
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1) != b"\n"
+
+
 def is_done(path: Path) -> bool:
     """Whether ``path`` is a finished artifact folder."""
     return (path / DONE_MARKER).exists()

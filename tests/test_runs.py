@@ -163,7 +163,7 @@ def test_a_run_evaluated_on_one_prompt_has_no_standard_errors_and_is_still_finis
     for step in (0, 5):
         run.add_evaluation({"step": step, "reward": 0.5, "reward_se": float("nan"), "kl": 1.0, "kl_se": float("nan")})
     run.finish(model, tokenizer)
-    assert run.evaluations_damage() is None and run.finished
+    assert run.sound_evaluations()[1] is None and run.finished
 
 
 def test_an_unreadable_evaluations_file_is_named_when_read(tmp_path, monkeypatch):
