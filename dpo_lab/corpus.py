@@ -107,8 +107,8 @@ def clean_reviews(frame: pd.DataFrame, where: str) -> pd.DataFrame:
         row = int(np.flatnonzero(bad_label.to_numpy())[0])
         raise CorpusError(f"{where}: column 'label', row {row}: value {frame['label'].iloc[row]!r}; "
                           "labels must be 0 (negative) or 1 (positive)")
-    missing = [pd.api.types.is_scalar(t) and pd.isna(t) for t in frame["text"]]  # a list cell is not missing
-    not_text = [i for i, t in enumerate(frame["text"]) if not isinstance(t, str) and not missing[i]]
+    not_text = [i for i, t in enumerate(frame["text"])  # a missing value is an empty review (below); a list is not
+                if not isinstance(t, str) and not (pd.api.types.is_scalar(t) and pd.isna(t))]
     if not_text:
         value = frame["text"].iloc[not_text[0]]
         raise CorpusError(f"{where}: column 'text', row {not_text[0]}: {value} ({type(value).__name__}), not a "
